@@ -1,0 +1,98 @@
+"""Cluster stage: FAISS k-means on a sample of embeddings, then nearest-centroid assignment."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from typing import Optional
+
+import numpy as np
+
+from pipelines.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+CLUSTER_ID = "cluster_id"
+DISTANCE = "distance"
+RAND_KEY = "_rand_key"
+MAX_DERIVED_K = 4096
+MIN_CLUSTER_DOCS = 4
+
+
+def choose_k(n_docs: int, budget: int, cfg: ClusterConfig) -> int:
+    """k from config, else about two labels per cluster, bounded so clusters are not tiny."""
+    if n_docs <= 0:
+        return 0
+    if cfg.k is not None:
+        return min(cfg.k, n_docs)
+    k = math.ceil(max(budget, 1) / 2)
+    return max(1, min(k, max(1, n_docs // MIN_CLUSTER_DOCS), MAX_DERIVED_K))
+
+
+def train_sample_size(n_docs: int, k: int, cfg: ClusterConfig) -> int:
+    return min(n_docs, cfg.train_sample * k)
+
+
+def train_kmeans(
+    sample: np.ndarray, k: int, cfg: ClusterConfig, *, use_gpu: bool, init_centroids: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, float]:
+    """Train spherical k-means (vectors are normalised); returns (centroids [k, d], objective)."""
+    import faiss
+
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    n, d = x.shape
+    if k > n:
+        raise ValueError(f"cluster.k={k} is larger than the {n} documents available")
+    kmeans = faiss.Kmeans(
+        d,
+        k,
+        niter=cfg.niter,
+        seed=cfg.seed,
+        spherical=True,
+        gpu=bool(use_gpu),
+        verbose=False,
+        # The sample is already sized by cluster.train_sample; stop faiss from warning or subsampling.
+        max_points_per_centroid=max(cfg.train_sample, math.ceil(n / k)),
+        min_points_per_centroid=1,
+    )
+    if init_centroids is not None and init_centroids.shape == (k, d):
+        kmeans.train(x, init_centroids=np.ascontiguousarray(init_centroids, dtype=np.float32))
+    else:
+        kmeans.train(x)
+    objective = float(kmeans.obj[-1]) if len(kmeans.obj) else float("nan")
+    return np.ascontiguousarray(kmeans.centroids, dtype=np.float32), objective
+
+
+def rand_keys(doc_ids: list[str], seed: int) -> np.ndarray:
+    """Deterministic per-document random key (the diverse share takes the smallest keys per cluster)."""
+    salt = str(seed).encode()
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(d.encode("utf-8"), digest_size=8, salt=salt[:16]).digest(), "little") >> 11
+         for d in doc_ids],
+        dtype=np.int64,
+    )
+
+
+class Assigner:
+    """Nearest centroid (cosine) for every embedding; centroids arrive once per actor."""
+
+    def __init__(self, centroids, seed: int = 0):
+        import faiss
+
+        if not isinstance(centroids, np.ndarray):
+            import ray
+
+            centroids = ray.get(centroids)
+        self.index = faiss.IndexFlatIP(centroids.shape[1])
+        self.index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        emb = np.ascontiguousarray(np.stack(batch["embedding"]) if batch["embedding"].dtype == object
+                                   else batch["embedding"], dtype=np.float32)
+        sims, idx = self.index.search(emb, 1)
+        batch[CLUSTER_ID] = idx[:, 0].astype(np.int32)
+        batch[DISTANCE] = np.clip(1.0 - sims[:, 0], 0.0, 2.0).astype(np.float32)
+        batch[RAND_KEY] = rand_keys([str(d) for d in batch["doc_id"]], self.seed)
+        return batch

@@ -1,0 +1,221 @@
+"""Read and validate the corpus: schema checks before compute, per-row rejections with a reason.
+
+The reader is a plain function over one Parquet file (streamed by row group) so that every row carries its
+file and position; that order key makes "keep the first of duplicate ids" well defined across files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from pipelines.config import InputConfig
+
+REJECT_NULL = "null_text"
+REJECT_EMPTY = "empty_text"
+REJECT_NON_UTF8 = "non_utf8_text"
+REJECT_NULL_ID = "null_id"
+REJECT_DUPLICATE = "duplicate_id"
+REJECT_EXCLUDED = "excluded_id"
+
+# Columns produced by the reader (besides passthrough columns).
+ORDER = "_order"
+ID_HASH = "_id_hash"
+REASON = "reject_reason"
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be read as configured; the message names the file and column."""
+
+
+_STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+_BINARY_TYPES = (pa.binary(), pa.large_binary(), pa.binary_view())
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    index: int
+    path: str
+    rows: int
+
+
+def list_corpus_files(filesystem: pafs.FileSystem, path: str, display: str) -> list[str]:
+    """Parquet files under a file, folder or prefix, sorted; errors name the URI."""
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type == pafs.FileType.NotFound:
+        # S3 prefixes are not directories; a listing tells whether objects exist below.
+        selector = pafs.FileSelector(path, allow_not_found=True, recursive=True)
+        infos = filesystem.get_file_info(selector)
+        if not infos:
+            raise CorpusError(f"corpus not found: {display}")
+    else:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and not _hidden(i.path[len(path):])
+    )
+    if not files:
+        raise CorpusError(f"corpus {display} holds no files")
+    return files
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.strip("/").split("/") if part)
+
+
+def inspect_files(
+    filesystem: pafs.FileSystem, files: list[str], cfg: InputConfig, display_prefix: str = ""
+) -> list[CorpusFile]:
+    """Open every file's footer and check the id/text columns exist with string types."""
+    out = []
+    for idx, path in enumerate(files):
+        name = display_prefix + path
+        try:
+            with filesystem.open_input_file(path) as fh:
+                meta = pq.ParquetFile(fh)
+                schema = meta.schema_arrow
+                rows = meta.metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CorpusError(f"{name}: not a readable Parquet file ({_first_line(exc)})") from None
+        for col in (cfg.id_column, cfg.text_column, *cfg.passthrough_columns):
+            if col not in schema.names:
+                raise CorpusError(f"{name}: missing column {col!r} (has: {', '.join(schema.names)})")
+        id_type = schema.field(cfg.id_column).type
+        if not (id_type in _STRING_TYPES or pa.types.is_integer(id_type)):
+            raise CorpusError(f"{name}: column {cfg.id_column!r} must be string or integer, found {id_type}")
+        text_type = schema.field(cfg.text_column).type
+        if text_type not in _STRING_TYPES + _BINARY_TYPES:
+            raise CorpusError(f"{name}: column {cfg.text_column!r} must be string, found {text_type}")
+        out.append(CorpusFile(idx, path, rows))
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def id_hash(ids: list[str]) -> np.ndarray:
+    """Stable 64-bit hashes of ids (driver-side duplicate detection keeps 16 bytes per document)."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little") for i in ids],
+        dtype=np.uint64,
+    )
+
+
+def text_hash(texts: list[str]) -> list[str]:
+    return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
+
+
+def _decode_text(column: pa.Array) -> tuple[list[Optional[str]], list[bool]]:
+    """Decode a binary text column; rows that are not UTF-8 come back as None with a flag."""
+    values: list[Optional[str]] = []
+    bad: list[bool] = []
+    for raw in column.to_pylist():
+        if raw is None:
+            values.append(None)
+            bad.append(False)
+            continue
+        try:
+            values.append(raw.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            values.append(None)
+            bad.append(True)
+    return values, bad
+
+
+def validate_table(table: pa.Table, cfg: InputConfig, file_index: int, row_offset: int) -> pa.Table:
+    """Normalise one slice of a corpus file into doc_id/text + reject_reason + order/hash keys."""
+    n = table.num_rows
+    ids_col = table.column(cfg.id_column).combine_chunks()
+    if not pa.types.is_string(ids_col.type):
+        ids_col = pc.cast(ids_col, pa.string())
+    text_col = table.column(cfg.text_column).combine_chunks()
+    if text_col.type in _BINARY_TYPES:
+        texts, non_utf8 = _decode_text(text_col)
+    else:
+        texts, non_utf8 = text_col.to_pylist(), [False] * n
+    ids = ids_col.to_pylist()
+
+    reasons: list[Optional[str]] = []
+    out_text: list[Optional[str]] = []
+    truncated: list[bool] = []
+    for doc_id, text, bad in zip(ids, texts, non_utf8):
+        reason = None
+        if doc_id is None or doc_id.strip() == "":
+            reason = REJECT_NULL_ID
+        elif bad:
+            reason = REJECT_NON_UTF8
+        elif text is None:
+            reason = REJECT_NULL
+        elif text.strip() == "":
+            reason = REJECT_EMPTY
+        is_trunc = reason is None and len(text) > cfg.max_chars
+        reasons.append(reason)
+        truncated.append(is_trunc)
+        out_text.append(text[: cfg.max_chars] if is_trunc else text)
+
+    safe_ids = [i if i is not None else "" for i in ids]
+    columns = {
+        "doc_id": pa.array(ids, pa.string()),
+        "text": pa.array(out_text, pa.string()),
+        "text_truncated": pa.array(truncated, pa.bool_()),
+        REASON: pa.array(reasons, pa.string()),
+        ORDER: pa.array((np.int64(file_index) << 40) + row_offset + np.arange(n, dtype=np.int64)),
+        ID_HASH: pa.array(id_hash(safe_ids)),
+    }
+    for col in cfg.passthrough_columns:
+        columns[col] = table.column(col).combine_chunks()
+    return pa.table(columns)
+
+
+def read_file(
+    filesystem: pafs.FileSystem, corpus_file: CorpusFile, cfg: InputConfig, display: str = ""
+) -> Iterator[pa.Table]:
+    """Stream one Parquet file by row group as validated tables."""
+    columns = list(dict.fromkeys([cfg.id_column, cfg.text_column, *cfg.passthrough_columns]))
+    offset = 0
+    try:
+        with filesystem.open_input_file(corpus_file.path) as fh:
+            pfile = pq.ParquetFile(fh)
+            for rg in range(pfile.num_row_groups):
+                table = pfile.read_row_group(rg, columns=columns)
+                yield validate_table(table, cfg, corpus_file.index, offset)
+                offset += table.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorpusError(f"{display or corpus_file.path}: failed to read ({_first_line(exc)})") from None
+
+
+def duplicate_orders(hashes: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """Order keys of rows whose id hash was already seen at a smaller order key (candidates only)."""
+    if hashes.size == 0:
+        return np.empty(0, dtype=np.int64)
+    sort = np.lexsort((orders, hashes))
+    h = hashes[sort]
+    repeat = np.zeros(h.size, dtype=bool)
+    repeat[1:] = h[1:] == h[:-1]
+    return orders[sort][repeat]
+
+
+def exact_duplicates(rows: pa.Table) -> set[int]:
+    """Given every row whose id hash collides (doc_id, _order), return order keys of true duplicates."""
+    first: dict[str, int] = {}
+    dups: set[int] = set()
+    ids = rows.column("doc_id").to_pylist()
+    orders = rows.column(ORDER).to_pylist()
+    for doc_id, order in sorted(zip(ids, orders), key=lambda t: t[1]):
+        if doc_id in first:
+            dups.add(order)
+        else:
+            first[doc_id] = order
+    return dups

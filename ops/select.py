@@ -1,0 +1,154 @@
+"""Select stage: ``budget`` documents from scored candidates, mixing cluster quotas with uncertainty.
+
+Rules (DESIGN.md section 6):
+- ``baseline``: quotas proportional to cluster size; within a cluster the most uncertain candidates.
+- ``uncertainty_weighted``: quotas proportional to size x mean candidate uncertainty.
+- ``round_robin``: clusters visited largest first, one most-uncertain document each per round.
+- ``entropy_only``: the most uncertain candidates, clusters ignored.
+- ``cluster_only``: nearest to centroid, no LLM score needed.
+Near-duplicates (cosine above ``dedup_threshold`` to an already-selected document) are skipped; if the
+quotas cannot be filled, the remaining slots go to the best remaining candidates overall.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ops.candidates import proportional_quotas
+from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
+from pipelines.config import SelectConfig
+
+SELECTED_COLUMNS = (
+    "doc_id", "rank", "cluster_id", "cluster_size", "uncertainty", "nll", "n_tokens",
+    "distance_to_centroid", "reason",
+)
+_SCORE_FIELD = {"mean_entropy": "uncertainty", "nll": "nll", "max_entropy": "max_entropy"}
+
+
+def priority(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
+    """Higher is picked first. NaN scores (no tokens) sort last."""
+    if cfg.rule == "cluster_only":
+        return -table.column(DISTANCE).to_numpy().astype(np.float64)
+    score = table.column(_SCORE_FIELD[cfg.score]).to_numpy(zero_copy_only=False).astype(np.float64)
+    if cfg.entropy_cap_quantile is not None and np.isfinite(score).any():
+        cap = np.nanquantile(score, cfg.entropy_cap_quantile)
+        # Outliers above the cap are treated as least informative (garbled text, tables, foreign scripts).
+        score = np.where(score > cap, -score, score)
+    return np.where(np.isfinite(score), score, -np.inf)
+
+
+def _ranked_within(clusters: np.ndarray, prio: np.ndarray, tiebreak: np.ndarray) -> dict[int, list[int]]:
+    order = np.lexsort((tiebreak, -prio, clusters))
+    out: dict[int, list[int]] = {}
+    for i in order:
+        out.setdefault(int(clusters[i]), []).append(int(i))
+    return out
+
+
+class Selector:
+    def __init__(self, cfg: SelectConfig):
+        self.cfg = cfg
+
+    def quotas(self, sizes: np.ndarray, table: pa.Table, prio: np.ndarray, budget: int) -> np.ndarray:
+        clusters = table.column(CLUSTER_ID).to_numpy()
+        available = np.bincount(clusters, minlength=len(sizes))
+        weights = np.where(available > 0, sizes, 0).astype(np.float64)
+        if self.cfg.rule == "uncertainty_weighted":
+            finite = np.isfinite(prio)
+            means = np.array([prio[(clusters == c) & finite].mean() if ((clusters == c) & finite).any() else 0.0
+                              for c in range(len(sizes))])
+            floor = means[available > 0].min() if (available > 0).any() else 0.0
+            weights = weights * (means - floor + 1e-3)
+        return proportional_quotas(weights, budget, capacity=available)
+
+    def select(self, candidates: pa.Table, sizes: np.ndarray, budget: int) -> pa.Table:
+        n = candidates.num_rows
+        budget = int(min(budget, n))
+        if budget <= 0:
+            return self._output(candidates, np.empty(0, np.int64), [], sizes)
+        prio = priority(candidates, self.cfg)
+        tiebreak = candidates.column(RAND_KEY).to_numpy() if RAND_KEY in candidates.column_names else np.arange(n)
+        clusters = candidates.column(CLUSTER_ID).to_numpy()
+        emb = _embeddings(candidates)
+        chosen: list[int] = []
+        reasons: list[str] = []
+        taken = np.zeros(n, dtype=bool)
+
+        def try_take(i: int, reason: str, dedup: bool = True) -> bool:
+            if taken[i]:
+                return False
+            if dedup and emb is not None and chosen:
+                if float(np.max(emb[chosen] @ emb[i])) > self.cfg.dedup_threshold:
+                    return False
+            taken[i] = True
+            chosen.append(i)
+            reasons.append(reason)
+            return True
+
+        if self.cfg.rule == "entropy_only":
+            for i in np.lexsort((tiebreak, -prio)):
+                if len(chosen) >= budget:
+                    break
+                try_take(int(i), "uncertainty")
+        elif self.cfg.rule == "round_robin":
+            ranked = _ranked_within(clusters, prio, tiebreak)
+            visit = sorted(ranked, key=lambda c: (-sizes[c], c))
+            cursors = {c: 0 for c in visit}
+            while len(chosen) < budget and any(cursors[c] < len(ranked[c]) for c in visit):
+                for c in visit:
+                    while cursors[c] < len(ranked[c]):
+                        i = ranked[c][cursors[c]]
+                        cursors[c] += 1
+                        if try_take(i, "round_robin"):
+                            break
+                    if len(chosen) >= budget:
+                        break
+        else:
+            reason = "cluster_representative" if self.cfg.rule == "cluster_only" else "cluster_quota_uncertainty"
+            quotas = self.quotas(sizes, candidates, prio, budget)
+            ranked = _ranked_within(clusters, prio, tiebreak)
+            for c in sorted(ranked):
+                got = 0
+                for i in ranked[c]:
+                    if got >= quotas[c]:
+                        break
+                    got += try_take(i, reason)
+        # Fill: best remaining overall, first respecting near-duplicate removal, then not.
+        fill_order = [int(i) for i in np.lexsort((tiebreak, -prio))]
+        for dedup in (True, False):
+            for i in fill_order:
+                if len(chosen) >= budget:
+                    break
+                try_take(i, "fill", dedup=dedup)
+        return self._output(candidates, np.array(chosen, dtype=np.int64), reasons, sizes)
+
+    @staticmethod
+    def _output(candidates: pa.Table, idx: np.ndarray, reasons: list[str], sizes: np.ndarray) -> pa.Table:
+        rows = candidates.take(pa.array(idx, pa.int64()))
+        clusters = rows.column(CLUSTER_ID).to_numpy() if rows.num_rows else np.empty(0, np.int64)
+        cols = {
+            "doc_id": rows.column("doc_id"),
+            "rank": pa.array(np.arange(1, rows.num_rows + 1, dtype=np.int32)),
+            "cluster_id": pa.array(clusters.astype(np.int32)),
+            "cluster_size": pa.array(np.asarray(sizes, dtype=np.int64)[clusters] if rows.num_rows else np.empty(0, np.int64)),
+            "uncertainty": _col(rows, "uncertainty", pa.float64()),
+            "nll": _col(rows, "nll", pa.float64()),
+            "n_tokens": _col(rows, "n_tokens", pa.int64()),
+            "distance_to_centroid": rows.column(DISTANCE).cast(pa.float64()),
+            "reason": pa.array(reasons, pa.string()),
+        }
+        return pa.table(cols)
+
+
+def _col(table: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
+    if name in table.column_names:
+        return table.column(name).cast(type_)
+    return pa.nulls(table.num_rows, type_)
+
+
+def _embeddings(table: pa.Table):
+    if "embedding" not in table.column_names:
+        return None
+    col = table.column("embedding").to_pylist()
+    return np.asarray(col, dtype=np.float32) if col else None

@@ -1,0 +1,393 @@
+"""The selection pipeline: read -> embed -> cluster -> candidates -> score -> select -> write.
+
+Each stage's logic lives in ``ops``; this module wires them with Ray Data and records costs. Stages are
+materialised one after another so that their wall time and reserved resources can be priced separately.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ops import candidates as cand
+from ops import read as rd
+from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, Assigner, choose_k, train_kmeans, train_sample_size
+from ops.cost import CostLedger, build_report
+from ops.embed import EMBEDDING, Embedder
+from ops.placement import Placement, faiss_use_gpu, plan_placement
+from ops.quiet import quiet_third_party, worker_env
+from ops.select import Selector
+from ops.storage import RunLayout, filesystem_for, display_uri
+from pipelines.commit import RunWriter
+from pipelines.config import RunConfig
+
+log = logging.getLogger("labelnext")
+
+NODE_ID = "_node_id"
+
+
+class PipelineError(RuntimeError):
+    """A run could not complete; the message is the one-line reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    corpus: str
+    output: str
+    budget: int
+    run_id: Optional[str] = None
+    run_date: Optional[str] = None
+
+    def resolved(self) -> "RunRequest":
+        return RunRequest(
+            corpus=self.corpus,
+            output=self.output,
+            budget=self.budget,
+            run_id=self.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6],
+            run_date=self.run_date or dt.date.today().isoformat(),
+        )
+
+
+@dataclass
+class RunResult:
+    run_uri: str
+    manifest: dict[str, Any]
+    cost_report: dict[str, Any]
+
+
+def _node_tagged(cls):
+    """Wrap a stage class so each output batch records the Ray node that computed it."""
+
+    class Tagged(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            quiet_third_party()
+            super().__init__(*args, **kwargs)
+            import ray
+
+            self._node = ray.get_runtime_context().get_node_id()
+
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            out[NODE_ID] = np.full(len(out["doc_id"]), self._node, dtype=object)
+            return out
+
+    Tagged.__name__ = cls.__name__
+    Tagged.__qualname__ = cls.__qualname__
+    return Tagged
+
+
+def _read_files(batch: dict[str, np.ndarray], filesystem, cfg, prefix: str):
+    for index, path, rows in zip(batch["index"], batch["path"], batch["rows"]):
+        yield from rd.read_file(filesystem, rd.CorpusFile(int(index), str(path), int(rows)), cfg, prefix + str(path))
+
+
+def _mark_duplicates(table: pa.Table, dups: np.ndarray) -> pa.Table:
+    if dups.size == 0 or table.num_rows == 0:
+        return table
+    orders = table.column(rd.ORDER).to_numpy()
+    is_dup = np.isin(orders, dups)
+    reasons = np.array(table.column(rd.REASON).to_pylist(), dtype=object)
+    reasons[is_dup & (reasons == None)] = rd.REJECT_DUPLICATE  # noqa: E711 (elementwise)
+    return table.set_column(table.schema.get_field_index(rd.REASON), rd.REASON, pa.array(reasons.tolist(), pa.string()))
+
+
+def _reject_rows(table: pa.Table, files: list[str]) -> pa.Table:
+    orders = table.column(rd.ORDER).to_numpy()
+    return pa.table({
+        "doc_id": table.column("doc_id"),
+        "reason": table.column(rd.REASON),
+        "source_file": pa.array([files[int(o >> 40)] for o in orders], pa.string()),
+        "row": pa.array((orders & ((1 << 40) - 1)).astype(np.int64)),
+    })
+
+
+def _block_counts(table: pa.Table, k: int) -> pa.Table:
+    counts = np.bincount(table.column(CLUSTER_ID).to_numpy().astype(np.int64), minlength=k)
+    return pa.table({"counts": pa.array([counts.tolist()], pa.list_(pa.int64()))})
+
+
+def _unique_nodes(table: pa.Table) -> pa.Table:
+    return pa.table({NODE_ID: pa.array(sorted(set(table.column(NODE_ID).to_pylist())), pa.string())})
+
+
+def _collect(ds) -> pa.Table:
+    import ray
+
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+class SelectionPipeline:
+    def __init__(self, cfg: RunConfig, request: RunRequest):
+        self.cfg = cfg
+        self.req = request.resolved()
+        self.ledger = CostLedger(cfg.cost)
+        self.counts: dict[str, int] = {}
+        self.nodes: set[str] = set()
+
+    # -- stages -----------------------------------------------------------------------------------
+    def read(self):
+        import ray
+
+        cfg = self.cfg.input
+        fs, path = filesystem_for(self.req.corpus, self.cfg.storage)
+        prefix = "s3://" if self.req.corpus.startswith("s3://") else ""
+        with self.ledger.stage("read", cpus=self._total_cpus()) as st:
+            files = rd.list_corpus_files(fs, path, display_uri(self.req.corpus, path))
+            infos = rd.inspect_files(fs, files, cfg, prefix)
+            total = sum(f.rows for f in infos)
+            if total == 0:
+                raise rd.CorpusError(f"corpus {display_uri(self.req.corpus, path)} is empty (0 rows in {len(files)} files)")
+            items = ray.data.from_items([{"index": f.index, "path": f.path, "rows": f.rows} for f in infos])
+            validated = items.map_batches(
+                _read_files, batch_size=1, fn_kwargs={"filesystem": fs, "cfg": cfg, "prefix": prefix},
+                batch_format="numpy",
+            ).materialize()
+            valid_keys = self._valid_keys(validated)
+            dup_candidates = rd.duplicate_orders(valid_keys[0], valid_keys[1])
+            dups = np.empty(0, np.int64)
+            if dup_candidates.size:
+                colliding_hashes = np.unique(valid_keys[0][np.isin(valid_keys[1], dup_candidates)])
+                rows = _collect(validated.map_batches(
+                    lambda t: t.filter(pa.compute.is_in(t.column(rd.ID_HASH), value_set=pa.array(colliding_hashes)))
+                    .select(["doc_id", rd.ORDER, rd.REASON]), batch_format="pyarrow"))
+                rows = rows.filter(pa.compute.is_null(rows.column(rd.REASON)))
+                dups = np.array(sorted(rd.exact_duplicates(rows)), dtype=np.int64)
+            marked = validated.map_batches(_mark_duplicates, fn_kwargs={"dups": dups}, batch_format="pyarrow").materialize()
+            accepted = marked.filter(lambda r: r[rd.REASON] is None)
+            rejected = marked.filter(lambda r: r[rd.REASON] is not None).map_batches(
+                _reject_rows, fn_kwargs={"files": [prefix + f for f in files]}, batch_format="pyarrow"
+            ).materialize()
+            n_rejected = rejected.count()
+            st.docs = total
+            st.extra["truncated_chars_docs"] = int(
+                marked.filter(lambda r: r[rd.REASON] is None and r["text_truncated"]).count()
+            )
+        self.counts.update(input_docs=total, rejected_docs=n_rejected, input_files=len(files))
+        log.info("read: %d docs from %d files, %d rejected", total, len(files), n_rejected)
+        return accepted, rejected
+
+    @staticmethod
+    def _valid_keys(validated) -> tuple[np.ndarray, np.ndarray]:
+        hashes, orders = [], []
+        for batch in validated.select_columns([rd.ID_HASH, rd.ORDER, rd.REASON]).iter_batches(batch_format="pyarrow"):
+            ok = pa.compute.is_null(batch.column(rd.REASON))
+            batch = batch.filter(ok)
+            hashes.append(batch.column(rd.ID_HASH).to_numpy())
+            orders.append(batch.column(rd.ORDER).to_numpy())
+        if not hashes:
+            return np.empty(0, np.uint64), np.empty(0, np.int64)
+        return np.concatenate(hashes), np.concatenate(orders)
+
+    def embed(self, accepted, placement: Placement):
+        p = placement.embed
+        keep = ["doc_id", "text", *self.cfg.input.passthrough_columns]
+        with self.ledger.stage("embed", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
+            embedded = accepted.select_columns(keep).map_batches(
+                _node_tagged(Embedder),
+                fn_constructor_kwargs={"cfg": self.cfg.embed.model_copy(update={"device": "cuda" if p.use_gpu else "cpu"})},
+                batch_size=self.cfg.embed.batch_size * 4,
+                concurrency=p.concurrency,
+                num_cpus=p.num_cpus,
+                num_gpus=p.num_gpus if p.use_gpu else 0,
+                batch_format="numpy",
+            ).materialize()
+            st.docs = embedded.count()
+            self._record_nodes(embedded)
+        self.counts["accepted_docs"] = st.docs
+        log.info("embed: %d docs in %.1fs", st.docs, st.wall_s)
+        return embedded
+
+    def cluster(self, embedded, placement: Placement):
+        import ray
+
+        n = self.counts["accepted_docs"]
+        k = choose_k(n, self.req.budget, self.cfg.cluster)
+        use_gpu = placement.cluster_use_gpu
+        with self.ledger.stage("cluster", cpus=self._total_cpus(), gpus=1.0 if use_gpu else 0.0) as st:
+            sample_n = train_sample_size(n, k, self.cfg.cluster)
+            source = embedded.select_columns([EMBEDDING])
+            if sample_n < n:
+                source = source.random_sample(min(1.0, 1.2 * sample_n / n), seed=self.cfg.cluster.seed)
+            sample = np.concatenate([b[EMBEDDING] for b in source.iter_batches(batch_format="numpy")])
+            sample = sample[:sample_n] if len(sample) >= k else np.concatenate(
+                [b[EMBEDDING] for b in embedded.select_columns([EMBEDDING]).iter_batches(batch_format="numpy")])
+            train = ray.remote(_train_remote).options(num_gpus=1 if use_gpu else 0, num_cpus=1)
+            centroids, objective = ray.get(train.remote(sample, k, self.cfg.cluster, use_gpu))
+            centroids_ref = ray.put(centroids)
+            assigned = embedded.map_batches(
+                Assigner,
+                fn_constructor_kwargs={"centroids": centroids_ref, "seed": self.cfg.select.seed},
+                concurrency=placement.embed.concurrency,
+                num_cpus=1,
+                batch_format="numpy",
+            ).materialize()
+            sizes = np.sum(
+                [np.asarray(c) for c in _collect(assigned.map_batches(_block_counts, fn_kwargs={"k": k},
+                                                                      batch_format="pyarrow"))["counts"].to_pylist()],
+                axis=0,
+            )
+            st.docs = n
+            st.extra.update(k=k, train_sample=int(len(sample)), objective=objective, faiss_gpu=use_gpu)
+        self.counts["clusters"] = k
+        log.info("cluster: k=%d trained on %d docs, assigned %d in %.1fs", k, len(sample), n, st.wall_s)
+        return assigned, centroids, np.asarray(sizes, dtype=np.int64)
+
+    def candidates(self, assigned, sizes: np.ndarray) -> pa.Table:
+        plan = cand.plan_candidates(sizes, self.req.budget, self.cfg.candidates)
+        partial = _collect(assigned.drop_columns([NODE_ID]).map_batches(
+            cand.block_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow"))
+        table = cand.merge_candidates(partial, plan)
+        log.info("candidates: %d from %d clusters (budget %d)", table.num_rows, int((sizes > 0).sum()), self.req.budget)
+        return table
+
+    def score(self, candidates: pa.Table, placement: Placement) -> pa.Table:
+        import ray
+
+        from ops.score import SCORE_COLUMNS, score_dataset
+
+        p = placement.score
+        if self.cfg.select.rule == "cluster_only" or candidates.num_rows == 0:
+            self.counts["candidates_scored"] = 0
+            return candidates
+        with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
+            ds = ray.data.from_arrow(candidates.select(["doc_id", "text"]))
+            scored = _collect(score_dataset(ds, self.cfg.score, use_gpu=p.use_gpu, concurrency=p.concurrency))
+            st.docs = scored.num_rows
+            st.tokens = int(pa.compute.sum(scored.column("n_tokens")).as_py() or 0)
+            if NODE_ID in scored.column_names:
+                self.nodes.update(scored.column(NODE_ID).to_pylist())
+            st.extra["truncated_docs"] = int(pa.compute.sum(scored.column("truncated").cast(pa.int64())).as_py() or 0)
+            st.extra["backend"] = self.cfg.score.backend
+        self.counts["candidates_scored"] = st.docs
+        log.info("score: %d candidates, %d tokens in %.1fs", st.docs, st.tokens, st.wall_s)
+        scores = scored.select(["doc_id", *SCORE_COLUMNS])
+        return candidates.join(scores, "doc_id", join_type="left outer")
+
+    def estimate_corpus_tokens(self, embedded) -> float:
+        from ops.score import count_tokens
+
+        n = self.counts["accepted_docs"]
+        if self.cfg.select.rule == "cluster_only" or n == 0:
+            return 0.0
+        sample = embedded.select_columns(["text"]).limit(self.cfg.cost.token_sample).take_all()
+        counts = np.minimum(count_tokens([r["text"] for r in sample], self.cfg.score), self.cfg.score.max_tokens)
+        return float(np.mean(counts) * n) if len(counts) else 0.0
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _record_nodes(self, ds) -> None:
+        self.nodes.update(_collect(ds.select_columns([NODE_ID]).map_batches(
+            _unique_nodes, batch_format="pyarrow")).column(NODE_ID).to_pylist())
+
+    @staticmethod
+    def _total_cpus() -> float:
+        import ray
+
+        return float(ray.cluster_resources().get("CPU", 1.0))
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        import ray
+
+        req = self.req
+        if req.budget < 1:
+            raise PipelineError(f"--budget must be a positive integer, got {req.budget}")
+        layout = RunLayout.create(req.output, req.run_date, req.run_id, self.cfg.storage)
+        writer = RunWriter(layout, self.cfg)
+        writer.begin()
+        placement = plan_placement(ray.cluster_resources(), self.cfg.embed, self.cfg.score, nodes=ray.nodes())
+        placement.cluster_use_gpu = faiss_use_gpu(self.cfg.cluster) or (
+            self.cfg.cluster.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        for note in placement.notes:
+            log.info("placement: %s", note)
+
+        accepted, rejected = self.read()
+        embedded = self.embed(accepted, placement)
+        if self.counts["accepted_docs"] == 0:
+            raise PipelineError("no documents left after validation: every row was rejected (see the rejects above)")
+        assigned, centroids, sizes = self.cluster(embedded, placement)
+        candidates = self.candidates(assigned, sizes)
+        scored = self.score(candidates, placement)
+        corpus_tokens = self.estimate_corpus_tokens(embedded)
+
+        with self.ledger.stage("select", cpus=1) as st:
+            selected = Selector(self.cfg.select).select(scored, sizes, req.budget)
+            st.docs = selected.num_rows
+        self.counts["selected"] = selected.num_rows
+        log.info("select: %d documents (rule %s)", selected.num_rows, self.cfg.select.rule)
+
+        with self.ledger.stage("write", cpus=self._total_cpus()) as st:
+            writer.write_outputs(
+                selected=self._with_text(selected, scored),
+                scores=scored.drop_columns([c for c in (EMBEDDING, "text", RAND_KEY, NODE_ID) if c in scored.column_names]),
+                assigned=assigned,
+                rejected=rejected,
+                centroids=centroids,
+                sizes=sizes,
+            )
+            st.docs = selected.num_rows
+        report = build_report(
+            self.ledger,
+            budget=req.budget,
+            accepted_docs=self.counts["accepted_docs"],
+            corpus_tokens_estimate=corpus_tokens,
+            scoring_model_params=writer.scoring_model_params(),
+            hardware={"cluster_resources": {k: v for k, v in ray.cluster_resources().items()
+                                            if k in ("CPU", "GPU", "memory")},
+                      "nodes": sorted(self.nodes)},
+        )
+        report["cluster"] = {"nodes": sorted(self.nodes)}
+        manifest = writer.commit(report, self.counts)
+        return RunResult(run_uri=layout.uri(), manifest=manifest, cost_report=report)
+
+    def _with_text(self, selected: pa.Table, scored: pa.Table) -> pa.Table:
+        extra = [*self.cfg.input.passthrough_columns]
+        if self.cfg.output.include_text:
+            extra.insert(0, "text")
+        extra = [c for c in extra if c in scored.column_names]
+        if not extra:
+            return selected
+        joined = selected.join(scored.select(["doc_id", *extra]), "doc_id", join_type="left outer")
+        return joined.sort_by("rank")
+
+
+def _train_remote(sample: np.ndarray, k: int, cluster_cfg, use_gpu: bool):
+    quiet_third_party()
+    return train_kmeans(sample, k, cluster_cfg, use_gpu=use_gpu)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {
+        "log_to_driver": cfg.ray.log_to_driver,
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+    }
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Inside a Ray job or against a running cluster: the job's runtime_env already applies.
+        kwargs["address"] = address
+    else:
+        kwargs["runtime_env"] = {"env_vars": worker_env()}
+        if cfg.ray.num_cpus:
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+    ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+
+
+def run_pipeline(cfg: RunConfig, request: RunRequest) -> RunResult:
+    quiet_third_party()
+    init_ray(cfg)
+    return SelectionPipeline(cfg, request).run()

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_loads():
+    cfg = load_config()
+    assert cfg.input.id_column == "id"
+    assert cfg.candidates.factor == 5
+
+
+def test_set_overrides_by_dotted_path():
+    cfg = load_config(overrides=["score.backend=transformers", "cluster.k=64", "input.passthrough_columns=[a, b]"])
+    assert cfg.score.backend == "transformers"
+    assert cfg.cluster.k == 64
+    assert cfg.input.passthrough_columns == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("cluster.kk=3", "cluster.kk"), ("nope.x=1", "nope"), ("cluster.k.x=1", "cluster.k")],
+)
+def test_unknown_keys_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_wrong_type_and_impossible_value_name_the_key():
+    with pytest.raises(ConfigError, match=r"cluster\.k"):
+        load_config(overrides=["cluster.k=many"])
+    with pytest.raises(ConfigError, match=r"candidates\.factor"):
+        load_config(overrides=["candidates.factor=0.5"])
+    with pytest.raises(ConfigError, match=r"storage"):
+        load_config(overrides=["storage.sse=aws:kms"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("embed:\n  modle: x\n")
+    with pytest.raises(ConfigError, match=r"embed\.modle: unknown key"):
+        load_config(bad)
+
+
+def test_all_shipped_configs_validate():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
