@@ -6,6 +6,7 @@ which is what a cluster bill charges, not the busy fraction.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from pipelines.config import CostConfig
+
+log = logging.getLogger("labelnext")
 
 STAGES = ("read", "embed", "cluster", "score", "select", "write")
 
@@ -60,6 +63,7 @@ class CostLedger:
     def stage(self, name: str, *, cpus: float = 1.0, gpus: float = 0.0) -> Iterator[StageCost]:
         stage = self.stages[name]
         stage.cpus, stage.gpus = cpus, gpus
+        log.info("%s: started", name)
         start = time.perf_counter()
         try:
             yield stage

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from pipelines.config import ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pick the next documents to annotate.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Pick the next documents to annotate.")
 err = Console(stderr=True)
 out = Console()
 
@@ -51,6 +51,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the selection pipeline and commit its outputs."""
+    from ops.placement import PlacementError
     from ops.read import CorpusError
     from ops.storage import StorageError, validate_run_date, validate_run_id
     from pipelines.selection import PipelineError, RunRequest, run_pipeline
@@ -69,12 +70,13 @@ def run(
     request = RunRequest(corpus=corpus, output=output, budget=budget, run_id=run_id, run_date=run_date)
     try:
         result = run_pipeline(cfg, request)
-    except (ConfigError, CorpusError, PipelineError, StorageError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ConfigError, CorpusError, PipelineError, PlacementError, StorageError, ValueError, FileNotFoundError, PermissionError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
     from pipelines.report import print_report
 
-    out.print(f"\n[bold green]committed[/bold green] {result.run_uri}")
-    out.print(f"  selected: {result.manifest['counts']['selected']} documents in {result.run_uri}/selected/")
+    out.print(f"\n[bold green]committed[/bold green] {result.run_uri}", soft_wrap=True)
+    out.print(f"  selected: {result.manifest['counts']['selected']} documents in {result.run_uri}/selected/",
+              soft_wrap=True)
     print_report(result.cost_report, out)
 
 
@@ -115,11 +117,22 @@ _register_jobs()
 
 
 def main() -> None:
+    """Entry point: expected errors are one line; anything else is one line plus the traceback with -v."""
     try:
         app()
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the user gets one line, not a stack
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {first} (rerun with -v for the traceback)",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

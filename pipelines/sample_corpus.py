@@ -83,7 +83,7 @@ def make_documents(n_docs: int, seed: int = 7) -> pa.Table:
         topics.append(name)
     # Deliberately invalid rows: the demo shows they are rejected with a reason, not dropped silently.
     bad = [(f"doc-{n_docs:06d}", None, "bad"), (f"doc-{n_docs + 1:06d}", "   ", "bad"),
-           (f"doc-{n_docs + 2:06d}", "", "bad"), ("doc-000000", "A duplicate id of the first document.", "bad")]
+           ("doc-000000", "A duplicate id of the first document.", "bad"), (f"doc-{n_docs + 2:06d}", "", "bad")]
     for doc_id, text, topic in bad[: max(0, min(len(bad), n_docs // 100))]:
         ids.append(doc_id)
         texts.append(text)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+from ray.data import ActorPoolStrategy
+from ray.data.expressions import col
 
 from ops import candidates as cand
 from ops import read as rd
@@ -161,14 +164,14 @@ class SelectionPipeline:
                 rows = rows.filter(pa.compute.is_null(rows.column(rd.REASON)))
                 dups = np.array(sorted(rd.exact_duplicates(rows)), dtype=np.int64)
             marked = validated.map_batches(_mark_duplicates, fn_kwargs={"dups": dups}, batch_format="pyarrow").materialize()
-            accepted = marked.filter(lambda r: r[rd.REASON] is None)
-            rejected = marked.filter(lambda r: r[rd.REASON] is not None).map_batches(
+            accepted = marked.filter(expr=col(rd.REASON).is_null())
+            rejected = marked.filter(expr=~col(rd.REASON).is_null()).map_batches(
                 _reject_rows, fn_kwargs={"files": [prefix + f for f in files]}, batch_format="pyarrow"
             ).materialize()
             n_rejected = rejected.count()
             st.docs = total
             st.extra["truncated_chars_docs"] = int(
-                marked.filter(lambda r: r[rd.REASON] is None and r["text_truncated"]).count()
+                marked.filter(expr=col(rd.REASON).is_null() & col("text_truncated")).count()
             )
         self.counts.update(input_docs=total, rejected_docs=n_rejected, input_files=len(files))
         log.info("read: %d docs from %d files, %d rejected", total, len(files), n_rejected)
@@ -194,7 +197,7 @@ class SelectionPipeline:
                 _node_tagged(Embedder),
                 fn_constructor_kwargs={"cfg": self.cfg.embed.model_copy(update={"device": "cuda" if p.use_gpu else "cpu"})},
                 batch_size=self.cfg.embed.batch_size * 4,
-                concurrency=p.concurrency,
+                compute=ActorPoolStrategy(size=p.concurrency),
                 num_cpus=p.num_cpus,
                 num_gpus=p.num_gpus if p.use_gpu else 0,
                 batch_format="numpy",
@@ -225,7 +228,7 @@ class SelectionPipeline:
             assigned = embedded.map_batches(
                 Assigner,
                 fn_constructor_kwargs={"centroids": centroids_ref, "seed": self.cfg.select.seed},
-                concurrency=placement.embed.concurrency,
+                compute=ActorPoolStrategy(size=placement.embed.concurrency),
                 num_cpus=1,
                 batch_format="numpy",
             ).materialize()
@@ -251,12 +254,12 @@ class SelectionPipeline:
     def score(self, candidates: pa.Table, placement: Placement) -> pa.Table:
         import ray
 
-        from ops.score import SCORE_COLUMNS, score_dataset
-
         p = placement.score
         if self.cfg.select.rule == "cluster_only" or candidates.num_rows == 0:
             self.counts["candidates_scored"] = 0
             return candidates
+        from ops.score import SCORE_COLUMNS, score_dataset
+
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
             ds = ray.data.from_arrow(candidates.select(["doc_id", "text"]))
             scored = _collect(score_dataset(ds, self.cfg.score, use_gpu=p.use_gpu, concurrency=p.concurrency))
@@ -268,15 +271,14 @@ class SelectionPipeline:
             st.extra["backend"] = self.cfg.score.backend
         self.counts["candidates_scored"] = st.docs
         log.info("score: %d candidates, %d tokens in %.1fs", st.docs, st.tokens, st.wall_s)
-        scores = scored.select(["doc_id", *SCORE_COLUMNS])
-        return candidates.join(scores, "doc_id", join_type="left outer")
+        return attach_scores(candidates, scored.select(["doc_id", *SCORE_COLUMNS]))
 
     def estimate_corpus_tokens(self, embedded) -> float:
-        from ops.score import count_tokens
-
         n = self.counts["accepted_docs"]
         if self.cfg.select.rule == "cluster_only" or n == 0:
             return 0.0
+        from ops.score import count_tokens
+
         sample = embedded.select_columns(["text"]).limit(self.cfg.cost.token_sample).take_all()
         counts = np.minimum(count_tokens([r["text"] for r in sample], self.cfg.score), self.cfg.score.max_tokens)
         return float(np.mean(counts) * n) if len(counts) else 0.0
@@ -354,8 +356,18 @@ class SelectionPipeline:
         extra = [c for c in extra if c in scored.column_names]
         if not extra:
             return selected
-        joined = selected.join(scored.select(["doc_id", *extra]), "doc_id", join_type="left outer")
-        return joined.sort_by("rank")
+        return attach_scores(selected, scored.select(["doc_id", *extra]))
+
+
+def attach_scores(left: pa.Table, right: pa.Table) -> pa.Table:
+    """Left join on doc_id keeping left's row order (Arrow joins reject tensor columns and reorder rows)."""
+    index = {doc_id: i for i, doc_id in enumerate(right.column("doc_id").to_pylist())}
+    rows = pa.array([index.get(d) for d in left.column("doc_id").to_pylist()], pa.int64())
+    out = left
+    for name in right.column_names:
+        if name != "doc_id":
+            out = out.append_column(name, right.column(name).take(rows))
+    return out
 
 
 def _train_remote(sample: np.ndarray, k: int, cluster_cfg, use_gpu: bool):
@@ -383,8 +395,13 @@ def init_ray(cfg: RunConfig) -> None:
             kwargs["num_cpus"] = cfg.ray.num_cpus
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
+    # Progress bars on a terminal; elsewhere (jobs, CI, files) the per-stage log lines carry progress and
+    # Ray Data's periodic progress dumps would flood the log.
+    interactive = sys.stderr.isatty()
+    ctx.enable_progress_bars = interactive
+    if not interactive:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run_pipeline(cfg: RunConfig, request: RunRequest) -> RunResult:
