@@ -74,13 +74,22 @@ class CostLedger:
         return sum(s.usd(self.prices) for s in self.stages.values())
 
 
-def full_pass_usd(
-    corpus_tokens: float, scored_tokens: int, score: StageCost, prices: CostConfig
-) -> float:
-    """The scoring model over every document, at the throughput and price measured in this run."""
-    if scored_tokens <= 0 or score.wall_s <= 0:
+def full_pass_usd(corpus_tokens: float, score: StageCost, prices: CostConfig) -> float:
+    """The scoring model over every document, on the same pool at the throughput measured in this run.
+
+    The pool's busy seconds (``score.extra['busy_s']``, summed over actors) give its token throughput; the
+    rest of the stage's wall time (model load, start-up) is paid once, as it would be for a full pass.
+    """
+    tokens = score.tokens or 0
+    if tokens <= 0 or score.wall_s <= 0:
         return float("nan")
-    return score.usd(prices) * corpus_tokens / scored_tokens
+    actors = max(1, int(score.extra.get("actors", 1)))
+    busy = float(score.extra.get("busy_s") or 0.0) / actors
+    if busy <= 0:
+        busy = score.wall_s
+    overhead = max(0.0, score.wall_s - busy)
+    wall = overhead + corpus_tokens * busy / tokens
+    return score.usd(prices) / score.wall_s * wall
 
 
 def build_report(
@@ -95,7 +104,7 @@ def build_report(
     prices = ledger.prices
     score = ledger.stages["score"]
     scored_tokens = score.tokens or 0
-    full_small = full_pass_usd(corpus_tokens_estimate, scored_tokens, score, prices)
+    full_small = full_pass_usd(corpus_tokens_estimate, score, prices)
     scale = prices.reference_params / scoring_model_params if scoring_model_params else float("nan")
     full_big = full_small * scale
     total = ledger.total_usd()

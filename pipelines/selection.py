@@ -24,6 +24,7 @@ from ops import read as rd
 from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, Assigner, choose_k, train_kmeans, train_sample_size
 from ops.cost import CostLedger, build_report
 from ops.embed import EMBEDDING, Embedder
+from ops.instrument import BUSY_S, NODE_ID, instrumented
 from ops.placement import Placement, faiss_use_gpu, plan_placement
 from ops.quiet import quiet_third_party, worker_env
 from ops.select import Selector
@@ -33,7 +34,6 @@ from pipelines.config import RunConfig
 
 log = logging.getLogger("labelnext")
 
-NODE_ID = "_node_id"
 
 
 class PipelineError(RuntimeError):
@@ -63,27 +63,6 @@ class RunResult:
     run_uri: str
     manifest: dict[str, Any]
     cost_report: dict[str, Any]
-
-
-def _node_tagged(cls):
-    """Wrap a stage class so each output batch records the Ray node that computed it."""
-
-    class Tagged(cls):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs):
-            quiet_third_party()
-            super().__init__(*args, **kwargs)
-            import ray
-
-            self._node = ray.get_runtime_context().get_node_id()
-
-        def __call__(self, batch):
-            out = super().__call__(batch)
-            out[NODE_ID] = np.full(len(out["doc_id"]), self._node, dtype=object)
-            return out
-
-    Tagged.__name__ = cls.__name__
-    Tagged.__qualname__ = cls.__qualname__
-    return Tagged
 
 
 def _read_files(batch: dict[str, np.ndarray], filesystem, cfg, prefix: str):
@@ -191,10 +170,10 @@ class SelectionPipeline:
 
     def embed(self, accepted, placement: Placement):
         p = placement.embed
-        keep = ["doc_id", "text", *self.cfg.input.passthrough_columns]
+        keep = list(dict.fromkeys(["doc_id", "text", *self.cfg.input.passthrough_columns]))
         with self.ledger.stage("embed", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
             embedded = accepted.select_columns(keep).map_batches(
-                _node_tagged(Embedder),
+                instrumented(Embedder),
                 fn_constructor_kwargs={"cfg": self.cfg.embed.model_copy(update={"device": "cuda" if p.use_gpu else "cpu"})},
                 batch_size=self.cfg.embed.batch_size * 4,
                 compute=ActorPoolStrategy(size=p.concurrency),
@@ -203,6 +182,7 @@ class SelectionPipeline:
                 batch_format="numpy",
             ).materialize()
             st.docs = embedded.count()
+            st.extra["actors"] = p.concurrency
             self._record_nodes(embedded)
         self.counts["accepted_docs"] = st.docs
         log.info("embed: %d docs in %.1fs", st.docs, st.wall_s)
@@ -245,7 +225,7 @@ class SelectionPipeline:
 
     def candidates(self, assigned, sizes: np.ndarray) -> pa.Table:
         plan = cand.plan_candidates(sizes, self.req.budget, self.cfg.candidates)
-        partial = _collect(assigned.drop_columns([NODE_ID]).map_batches(
+        partial = _collect(assigned.drop_columns([NODE_ID, BUSY_S]).map_batches(
             cand.block_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow"))
         table = cand.merge_candidates(partial, plan)
         log.info("candidates: %d from %d clusters (budget %d)", table.num_rows, int((sizes > 0).sum()), self.req.budget)
@@ -265,6 +245,9 @@ class SelectionPipeline:
             scored = _collect(score_dataset(ds, self.cfg.score, use_gpu=p.use_gpu, concurrency=p.concurrency))
             st.docs = scored.num_rows
             st.tokens = int(pa.compute.sum(scored.column("n_tokens")).as_py() or 0)
+            st.extra["actors"] = p.concurrency
+            if BUSY_S in scored.column_names:
+                st.extra["busy_s"] = float(pa.compute.sum(scored.column(BUSY_S)).as_py() or 0.0)
             if NODE_ID in scored.column_names:
                 self.nodes.update(scored.column(NODE_ID).to_pylist())
             st.extra["truncated_docs"] = int(pa.compute.sum(scored.column("truncated").cast(pa.int64())).as_py() or 0)
@@ -328,7 +311,8 @@ class SelectionPipeline:
         with self.ledger.stage("write", cpus=self._total_cpus()) as st:
             writer.write_outputs(
                 selected=self._with_text(selected, scored),
-                scores=scored.drop_columns([c for c in (EMBEDDING, "text", RAND_KEY, NODE_ID) if c in scored.column_names]),
+                scores=scored.drop_columns([c for c in (EMBEDDING, "text", RAND_KEY, NODE_ID, BUSY_S)
+                                             if c in scored.column_names]),
                 assigned=assigned,
                 rejected=rejected,
                 centroids=centroids,
