@@ -21,6 +21,7 @@ from pipelines.config import InputConfig
 REJECT_NULL = "null_text"
 REJECT_EMPTY = "empty_text"
 REJECT_NON_UTF8 = "non_utf8_text"
+REJECT_NON_UTF8_ID = "non_utf8_id"
 REJECT_NULL_ID = "null_id"
 REJECT_DUPLICATE = "duplicate_id"
 REJECT_EXCLUDED = "excluded_id"
@@ -116,8 +117,11 @@ def text_hash(texts: list[str]) -> list[str]:
     return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in texts]
 
 
+_AS_BINARY = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
+
+
 def _decode_text(column: pa.Array) -> tuple[list[Optional[str]], list[bool]]:
-    """Decode a binary text column; rows that are not UTF-8 come back as None with a flag."""
+    """Decode a binary column row by row; rows that are not UTF-8 come back as None with a flag."""
     values: list[Optional[str]] = []
     bad: list[bool] = []
     for raw in column.to_pylist():
@@ -134,26 +138,48 @@ def _decode_text(column: pa.Array) -> tuple[list[Optional[str]], list[bool]]:
     return values, bad
 
 
+def _to_python_strings(column: pa.Array) -> tuple[list[Optional[str]], list[bool]]:
+    """Python strings from a string or binary column, flagging rows that are not valid UTF-8.
+
+    Parquet does not guarantee that a *string* column holds valid UTF-8 (writers can relabel bytes), and
+    Arrow only checks on demand: validate the whole column in C first, and only when that fails fall back
+    to decoding its bytes row by row so one bad row is rejected instead of failing the file.
+    """
+    if column.type in _AS_BINARY:
+        try:
+            column.validate(full=True)
+            return column.to_pylist(), [False] * len(column)
+        except pa.ArrowInvalid:
+            column = column.view(_AS_BINARY[column.type])
+    return _decode_text(column)
+
+
+def _raw_id(column: pa.Array, i: int) -> str:
+    """A printable stand-in for an id that is not UTF-8 (only written to rejects)."""
+    raw = column.view(_AS_BINARY[column.type])[i].as_py()
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def validate_table(table: pa.Table, cfg: InputConfig, file_index: int, row_offset: int) -> pa.Table:
     """Normalise one slice of a corpus file into doc_id/text + reject_reason + order/hash keys."""
     n = table.num_rows
     ids_col = table.column(cfg.id_column).combine_chunks()
-    if not pa.types.is_string(ids_col.type):
+    if ids_col.type not in _STRING_TYPES:
         ids_col = pc.cast(ids_col, pa.string())
-    text_col = table.column(cfg.text_column).combine_chunks()
-    if text_col.type in _BINARY_TYPES:
-        texts, non_utf8 = _decode_text(text_col)
-    else:
-        texts, non_utf8 = text_col.to_pylist(), [False] * n
-    ids = ids_col.to_pylist()
+    ids, bad_ids = _to_python_strings(ids_col)
+    if any(bad_ids):
+        ids = [_raw_id(ids_col, i) if bad else doc_id for i, (doc_id, bad) in enumerate(zip(ids, bad_ids))]
+    texts, non_utf8 = _to_python_strings(table.column(cfg.text_column).combine_chunks())
 
     reasons: list[Optional[str]] = []
     out_text: list[Optional[str]] = []
     truncated: list[bool] = []
-    for doc_id, text, bad in zip(ids, texts, non_utf8):
+    for doc_id, bad_id, text, bad in zip(ids, bad_ids, texts, non_utf8):
         reason = None
         if doc_id is None or doc_id.strip() == "":
             reason = REJECT_NULL_ID
+        elif bad_id:
+            reason = REJECT_NON_UTF8_ID
         elif bad:
             reason = REJECT_NON_UTF8
         elif text is None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipelines.config import ConfigError, load_config
 
@@ -35,8 +37,51 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error a user can act on: a Ray task's exception arrives wrapped in ``RayTaskError``."""
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return exc
+    for _ in range(10):
+        inner = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (no colour codes), or its type name."""
+    for line in _ANSI.sub("", str(exc)).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def _hide_ray_data_tracebacks(verbose: bool) -> None:
+    """Keep Ray Data's console copy of a failed task's stack off stderr; the user gets one line from us.
+
+    Ray Data logs the failing task's traceback (and an ERROR banner) before the exception reaches the
+    driver. The session's ``ray-data.log`` keeps every record, and ``-v`` shows them on the console too.
+    """
+    if verbose:
+        return
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR or record.exc_info
+                    or "Traceback (most recent call last)" in record.getMessage())
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(keep)
 
 
 @app.command()
@@ -57,6 +102,7 @@ def run(
     from pipelines.selection import PipelineError, RunRequest, run_pipeline
 
     _setup_logging(verbose)
+    _hide_ray_data_tracebacks(verbose)
     try:
         cfg = load_config(config, set_ or [])
         if budget < 1:
@@ -66,12 +112,17 @@ def run(
         if run_date is not None:
             validate_run_date(run_date)
     except (ConfigError, ValueError) as exc:
-        fail(str(exc))
+        fail(one_line(exc))
     request = RunRequest(corpus=corpus, output=output, budget=budget, run_id=run_id, run_date=run_date)
+    expected = (ConfigError, CorpusError, PipelineError, PlacementError, StorageError, ValueError, OSError)
     try:
         result = run_pipeline(cfg, request)
-    except (ConfigError, CorpusError, PipelineError, PlacementError, StorageError, ValueError, FileNotFoundError, PermissionError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code=1)
+    except Exception as exc:  # noqa: BLE001 - mapped to one line below; unexpected errors go on to main()
+        cause = root_cause(exc)
+        if not isinstance(cause, expected):
+            raise
+        # OSError covers storage failures (pyarrow/boto3 name the bucket and key) and missing local files.
+        fail(one_line(cause), code=1)
     from pipelines.report import print_report
 
     out.print(f"\n[bold green]committed[/bold green] {result.run_uri}", soft_wrap=True)
@@ -118,20 +169,21 @@ _register_jobs()
 
 def main() -> None:
     """Entry point: expected errors are one line; anything else is one line plus the traceback with -v."""
+    verbose = "-v" in sys.argv or "--verbose" in sys.argv
     try:
         app()
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the user gets one line, not a stack
-        if "-v" in sys.argv or "--verbose" in sys.argv:
+        if verbose:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {first} (rerun with -v for the traceback)",
-                  highlight=False, soft_wrap=True)
+        cause = root_cause(exc)
+        err.print(f"[red]error:[/red] {escape(type(cause).__name__)}: {escape(one_line(cause))} "
+                  "(rerun with -v for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

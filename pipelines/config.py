@@ -106,6 +106,7 @@ class StorageConfig(_Section):
     sse: Literal["none", "AES256", "aws:kms"] = "none"
     kms_key_id: Optional[str] = None
     retries: int = Field(default=5, ge=0)
+    lock_timeout_s: float = Field(default=300.0, gt=0, description="a run's claim is abandoned this long after its last heartbeat")
 
     @model_validator(mode="after")
     def _kms_needs_key(self) -> "StorageConfig":

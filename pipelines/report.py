@@ -13,6 +13,7 @@ from pipelines.config import StorageConfig
 
 
 def load_run_report(run_uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """A committed run's cost report from a local folder or an s3:// prefix (standard AWS settings)."""
     fs, path = storage.filesystem_for(run_uri.rstrip("/"), storage_cfg or StorageConfig())
     if storage.read_json(fs, f"{path}/{MANIFEST}") is None:
         raise FileNotFoundError(f"{run_uri}: no {MANIFEST}; the run is missing or was not committed")
@@ -28,14 +29,16 @@ def _fmt(value: Any, spec: str) -> str:
 
 def stage_table(cost: dict[str, Any]) -> Table:
     table = Table(title="cost per stage", title_justify="left")
-    for col in ("stage", "wall s", "docs", "tokens", "cpu s", "accel s", "usd"):
+    for col in ("stage", "wall s", "docs", "reused", "tokens", "cpu s", "accel s", "usd"):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for name, st in cost["stages"].items():
         table.add_row(
-            name, _fmt(st.get("wall_s"), ".1f"), _fmt(st.get("docs"), ","), _fmt(st.get("tokens"), ","),
-            _fmt(st.get("cpu_s"), ".1f"), _fmt(st.get("accelerator_s"), ".1f"), _fmt(st.get("usd"), ".5f"),
+            name, _fmt(st.get("wall_s"), ".1f"), _fmt(st.get("docs"), ","), _fmt(st.get("reused"), ","),
+            _fmt(st.get("tokens"), ","), _fmt(st.get("cpu_s"), ".1f"), _fmt(st.get("accelerator_s"), ".1f"),
+            _fmt(st.get("usd"), ".5f"),
         )
-    table.add_row("total", _fmt(cost.get("total_wall_s"), ".1f"), "", "", "", "", _fmt(cost.get("total_usd"), ".5f"))
+    table.add_row("total", _fmt(cost.get("total_wall_s"), ".1f"), "", "", "", "", "",
+                  _fmt(cost.get("total_usd"), ".5f"))
     return table
 
 

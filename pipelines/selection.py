@@ -20,15 +20,17 @@ from ray.data import ActorPoolStrategy
 from ray.data.expressions import col
 
 from ops import candidates as cand
+from ops import ledger
 from ops import read as rd
 from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, Assigner, choose_k, train_kmeans, train_sample_size
 from ops.cost import CostLedger, build_report
 from ops.embed import EMBEDDING, Embedder
+from ops.embed_cache import EmbeddingCache, add_text_hash
 from ops.instrument import BUSY_S, NODE_ID, instrumented
 from ops.placement import Placement, faiss_use_gpu, plan_placement
 from ops.quiet import quiet_third_party, worker_env
 from ops.select import Selector
-from ops.storage import RunLayout, filesystem_for, display_uri
+from ops.storage import RunLayout, display_uri, filesystem_for
 from pipelines.commit import RunWriter
 from pipelines.config import RunConfig
 
@@ -110,6 +112,7 @@ class SelectionPipeline:
     def __init__(self, cfg: RunConfig, request: RunRequest):
         self.cfg = cfg
         self.req = request.resolved()
+        self.layout = RunLayout.create(self.req.output, self.req.run_date, self.req.run_id, cfg.storage)
         self.ledger = CostLedger(cfg.cost)
         self.counts: dict[str, int] = {}
         self.nodes: set[str] = set()
@@ -148,13 +151,35 @@ class SelectionPipeline:
                 _reject_rows, fn_kwargs={"files": [prefix + f for f in files]}, batch_format="pyarrow"
             ).materialize()
             n_rejected = rejected.count()
+            excluded = self._exclusions()
+            n_excluded = 0
+            if excluded.size:
+                accepted = accepted.map_batches(ledger.drop_excluded, fn_kwargs={"excluded": ray.put(excluded)},
+                                                batch_format="pyarrow").materialize()
+                n_excluded = total - n_rejected - accepted.count()
             st.docs = total
+            st.extra["excluded_docs"] = n_excluded
             st.extra["truncated_chars_docs"] = int(
                 marked.filter(expr=col(rd.REASON).is_null() & col("text_truncated")).count()
             )
-        self.counts.update(input_docs=total, rejected_docs=n_rejected, input_files=len(files))
-        log.info("read: %d docs from %d files, %d rejected", total, len(files), n_rejected)
+        self.counts.update(input_docs=total, rejected_docs=n_rejected, excluded_docs=n_excluded,
+                           input_files=len(files))
+        log.info("read: %d docs from %d files, %d rejected, %d excluded (selected before or listed in "
+                 "input.exclude_ids)", total, len(files), n_rejected, n_excluded)
         return accepted, rejected
+
+    def _exclusions(self) -> np.ndarray:
+        """Sorted id hashes to leave out: the ledger of committed runs and ``input.exclude_ids``."""
+        parts = []
+        if self.cfg.output.ledger:
+            hashes, runs = ledger.ledger_hashes(self.layout.output, ledger.RunRef(self.req.run_date, self.req.run_id))
+            log.info("ledger: %d ids selected by %d committed runs", hashes.size, len(runs))
+            parts.append(hashes)
+        if self.cfg.input.exclude_ids:
+            hashes = ledger.user_hashes(self.cfg.input.exclude_ids, self.cfg.input.exclude_id_column, self.cfg.storage)
+            log.info("input.exclude_ids: %d ids", hashes.size)
+            parts.append(hashes)
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
 
     @staticmethod
     def _valid_keys(validated) -> tuple[np.ndarray, np.ndarray]:
@@ -171,21 +196,36 @@ class SelectionPipeline:
     def embed(self, accepted, placement: Placement):
         p = placement.embed
         keep = list(dict.fromkeys(["doc_id", "text", *self.cfg.input.passthrough_columns]))
+        cache = EmbeddingCache(self.layout.output, self.cfg.embed) if self.cfg.embed.cache else None
         with self.ledger.stage("embed", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
-            embedded = accepted.select_columns(keep).map_batches(
-                instrumented(Embedder),
-                fn_constructor_kwargs={"cfg": self.cfg.embed.model_copy(update={"device": "cuda" if p.use_gpu else "cpu"})},
-                batch_size=self.cfg.embed.batch_size * 4,
-                compute=ActorPoolStrategy(size=p.concurrency),
-                num_cpus=p.num_cpus,
-                num_gpus=p.num_gpus if p.use_gpu else 0,
-                batch_format="numpy",
-            ).materialize()
-            st.docs = embedded.count()
-            st.extra["actors"] = p.concurrency
+            todo, reused = accepted.select_columns(keep), None
+            if cache is not None:
+                todo = todo.map_batches(add_text_hash, batch_format="pyarrow")
+                todo, reused = cache.split(todo, keep, self.counts["input_docs"])
+            n_reused = reused.count() if reused is not None else 0
+            if reused is not None and todo.count() == 0:
+                embedded, st.docs = reused, 0  # everything came from the cache: no encoder to start
+            else:
+                device = "cuda" if p.use_gpu else "cpu"
+                embedded = todo.map_batches(
+                    instrumented(Embedder),
+                    fn_constructor_kwargs={"cfg": self.cfg.embed.model_copy(update={"device": device})},
+                    batch_size=self.cfg.embed.batch_size * 4,
+                    compute=ActorPoolStrategy(size=p.concurrency),
+                    num_cpus=p.num_cpus,
+                    num_gpus=p.num_gpus if p.use_gpu else 0,
+                    batch_format="numpy",
+                )
+                if cache is not None:
+                    embedded = embedded.map_batches(cache.write, batch_format="numpy")
+                embedded = embedded.materialize()
+                st.docs = embedded.count()  # documents actually embedded in this run
+                if n_reused:
+                    embedded = embedded.union(reused).materialize()
+            st.extra.update(reused=n_reused, actors=p.concurrency)
             self._record_nodes(embedded)
-        self.counts["accepted_docs"] = st.docs
-        log.info("embed: %d docs in %.1fs", st.docs, st.wall_s)
+        self.counts["accepted_docs"] = st.docs + n_reused
+        log.info("embed: %d docs in %.1fs, %d reused from the cache", st.docs, st.wall_s, n_reused)
         return embedded
 
     def cluster(self, embedded, placement: Placement):
@@ -202,8 +242,9 @@ class SelectionPipeline:
             sample = np.concatenate([b[EMBEDDING] for b in source.iter_batches(batch_format="numpy")])
             sample = sample[:sample_n] if len(sample) >= k else np.concatenate(
                 [b[EMBEDDING] for b in embedded.select_columns([EMBEDDING]).iter_batches(batch_format="numpy")])
+            init, warm_from = self._warm_start(k, sample.shape[1]) if self.cfg.cluster.warm_start else (None, None)
             train = ray.remote(_train_remote).options(num_gpus=1 if use_gpu else 0, num_cpus=1)
-            centroids, objective = ray.get(train.remote(sample, k, self.cfg.cluster, use_gpu))
+            centroids, objective = ray.get(train.remote(sample, k, self.cfg.cluster, use_gpu, init))
             centroids_ref = ray.put(centroids)
             assigned = embedded.map_batches(
                 Assigner,
@@ -218,10 +259,26 @@ class SelectionPipeline:
                 axis=0,
             )
             st.docs = n
-            st.extra.update(k=k, train_sample=int(len(sample)), objective=objective, faiss_gpu=use_gpu)
+            st.extra.update(k=k, train_sample=int(len(sample)), objective=objective, faiss_gpu=use_gpu,
+                            warm_start_from=warm_from)
         self.counts["clusters"] = k
         log.info("cluster: k=%d trained on %d docs, assigned %d in %.1fs", k, len(sample), n, st.wall_s)
         return assigned, centroids, np.asarray(sizes, dtype=np.int64)
+
+    def _warm_start(self, k: int, dim: int) -> tuple[Optional[np.ndarray], Optional[str]]:
+        """The previous committed run's centroids when its k and dimension match this run's."""
+        output = self.layout.output
+        prev = ledger.previous_run(output, ledger.RunRef(self.req.run_date, self.req.run_id))
+        centroids = ledger.load_centroids(output, prev) if prev else None
+        if prev is None or centroids is None:
+            log.info("cluster: no previous committed run to warm-start from")
+            return None, None
+        if centroids.shape != (k, dim):
+            log.info("cluster: not warm-starting from %s: its centroids are %s, this run needs (%d, %d)",
+                     prev.label, centroids.shape, k, dim)
+            return None, None
+        log.info("cluster: warm start from %s", prev.label)
+        return centroids, prev.label
 
     def candidates(self, assigned, sizes: np.ndarray) -> pa.Table:
         plan = cand.plan_candidates(sizes, self.req.budget, self.cfg.candidates)
@@ -268,8 +325,9 @@ class SelectionPipeline:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _record_nodes(self, ds) -> None:
-        self.nodes.update(_collect(ds.select_columns([NODE_ID]).map_batches(
-            _unique_nodes, batch_format="pyarrow")).column(NODE_ID).to_pylist())
+        nodes = _collect(ds.select_columns([NODE_ID]).map_batches(_unique_nodes, batch_format="pyarrow"))
+        if NODE_ID in nodes.column_names:  # an empty dataset (every row rejected) collects to no columns
+            self.nodes.update(nodes.column(NODE_ID).to_pylist())
 
     @staticmethod
     def _total_cpus() -> float:
@@ -279,14 +337,20 @@ class SelectionPipeline:
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        import ray
-
         req = self.req
         if req.budget < 1:
             raise PipelineError(f"--budget must be a positive integer, got {req.budget}")
-        layout = RunLayout.create(req.output, req.run_date, req.run_id, self.cfg.storage)
-        writer = RunWriter(layout, self.cfg)
-        writer.begin()
+        writer = RunWriter(self.layout, self.cfg)
+        try:
+            writer.begin()
+            return self._run(writer)
+        finally:
+            writer.close()  # gives the claim back unless another attempt holds it
+
+    def _run(self, writer: RunWriter) -> RunResult:
+        import ray
+
+        req, layout = self.req, self.layout
         placement = plan_placement(ray.cluster_resources(), self.cfg.embed, self.cfg.score, nodes=ray.nodes())
         placement.cluster_use_gpu = faiss_use_gpu(self.cfg.cluster) or (
             self.cfg.cluster.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
@@ -296,7 +360,7 @@ class SelectionPipeline:
         accepted, rejected = self.read()
         embedded = self.embed(accepted, placement)
         if self.counts["accepted_docs"] == 0:
-            raise PipelineError("no documents left after validation: every row was rejected (see the rejects above)")
+            raise PipelineError("no documents left: every row was rejected or excluded (see the read stage above)")
         assigned, centroids, sizes = self.cluster(embedded, placement)
         candidates = self.candidates(assigned, sizes)
         scored = self.score(candidates, placement)
@@ -354,9 +418,9 @@ def attach_scores(left: pa.Table, right: pa.Table) -> pa.Table:
     return out
 
 
-def _train_remote(sample: np.ndarray, k: int, cluster_cfg, use_gpu: bool):
+def _train_remote(sample: np.ndarray, k: int, cluster_cfg, use_gpu: bool, init: Optional[np.ndarray] = None):
     quiet_third_party()
-    return train_kmeans(sample, k, cluster_cfg, use_gpu=use_gpu)
+    return train_kmeans(sample, k, cluster_cfg, use_gpu=use_gpu, init_centroids=init)
 
 
 def init_ray(cfg: RunConfig) -> None:

@@ -1,0 +1,262 @@
+"""Score stage throughput: the ``Scorer`` (both backends) and the Ray-wrapped ``score_dataset`` against two
+baselines measured in the same run on the same documents and token ids.
+
+Baselines:
+- bare vLLM: ``vllm.LLM.generate`` with ``prompt_logprobs=1`` and ``max_tokens=1`` (what scoring with vLLM's
+  sampling API gives: the target's log-prob and the top-1, not the entropy over the vocabulary);
+- bare transformers: a ``model(input_ids).logits`` loop, one document per forward, no entropy.
+
+Tokens are model input positions (BOS included) after truncation to ``score.max_tokens``; every method sees
+the same ids. Engine start-up is timed separately ("init s"); tokens/s is the steady scoring pass. The Ray
+row is end to end (actor start-up included). The stage's exact entropy is also checked across backends:
+max |vLLM - transformers| per document.
+
+    python -m bench.score            # 240 docs, max_tokens 512
+    python -m bench.score --quick    # 48 docs, max_tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    OUT, SHARED_DATA, SHARED_DATA_DISPLAY, log, machine_description, markdown_table, setup_env, stopwatch,
+)
+
+SEED = 0
+
+
+@dataclass
+class Row:
+    method: str
+    backend: str
+    init_s: float
+    score_s: float
+    tokens: int
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.score_s if self.score_s > 0 else float("nan")
+
+
+# -- documents ------------------------------------------------------------------------------------------
+def load_texts(n: int) -> tuple[list[str], str]:
+    """``n`` documents drawn evenly from the labelled Parquet files, or generated ones when absent."""
+    import pyarrow.parquet as pq
+
+    files = sorted(SHARED_DATA.glob("*.parquet")) if SHARED_DATA.is_dir() else []
+    if not files:
+        from pipelines.sample_corpus import make_documents
+
+        log(f"no Parquet files in {SHARED_DATA_DISPLAY}: using {n} generated demo documents instead")
+        texts = [t for t in make_documents(n + 50, seed=SEED).column("text").to_pylist() if t and t.strip()]
+        return texts[:n], "generated demo corpus (pipelines.sample_corpus)"
+    rng = np.random.default_rng(SEED)
+    texts: list[str] = []
+    per_file = -(-n // len(files))
+    for f in files:
+        col = [t for t in pq.read_table(f, columns=["text"]).column("text").to_pylist() if t and t.strip()]
+        texts += [col[i] for i in rng.choice(len(col), size=min(per_file, len(col)), replace=False)]
+    rng.shuffle(texts)
+    return texts[:n], ", ".join(f.name for f in files) + f" from {SHARED_DATA_DISPLAY}"
+
+
+# -- methods --------------------------------------------------------------------------------------------
+def bench_scorer(cfg, texts: list[str], tokens: int) -> tuple[Row, dict]:
+    from ops.score import Scorer
+
+    with stopwatch() as t_init:
+        scorer = Scorer(cfg)
+        scorer({"doc_id": np.arange(2), "text": np.array(texts[:2], dtype=object)})  # warm-up
+    batch = {"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
+    with stopwatch() as t:
+        out = scorer(batch)
+    backend = scorer.backend
+    scorer.close()
+    del scorer
+    gc.collect()
+    return Row("Scorer (exact entropy)", backend, t_init[0], t[0], tokens), out
+
+
+def bench_bare_hf(model_dir: str, ids: list[list[int]], device: str, dtype) -> Row:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with stopwatch() as t_init:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    with torch.inference_mode():
+        model(torch.tensor([ids[0]], device=device))  # warm-up
+        with stopwatch() as t:
+            for seq in ids:
+                model(torch.tensor([seq], device=device)).logits.float().cpu()
+    del model
+    gc.collect()
+    return Row("bare transformers forward loop (logits only)", "transformers", t_init[0], t[0], sum(map(len, ids)))
+
+
+def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str) -> Row:
+    from ops.score_vllm import apply_env_defaults
+
+    apply_env_defaults(device)  # the same KV-cache and logging defaults as the stage
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=model_dir, dtype="float32" if device == "cpu" else "bfloat16",
+                  max_model_len=max(map(len, ids)) + 1, enable_prefix_caching=False, seed=SEED)
+    if device == "cpu":
+        kwargs["enforce_eager"] = True
+    else:
+        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+    with stopwatch() as t_init:
+        llm = LLM(**kwargs)
+        llm.generate([{"prompt_token_ids": ids[0]}], params, use_tqdm=False)  # warm-up
+    with stopwatch() as t:
+        llm.generate([{"prompt_token_ids": s} for s in ids], params, use_tqdm=False)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return Row("bare vLLM generate, prompt_logprobs=1 (top-1 + target only)", "vllm", t_init[0], t[0],
+               sum(map(len, ids)))
+
+
+def bench_ray(cfg, texts: list[str], tokens: int, cpus: int) -> Row:
+    import ray
+
+    from ops.quiet import worker_env
+    from ops.score import score_dataset
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
+    try:
+        ds = ray.data.from_items([{"doc_id": str(i), "text": t} for i, t in enumerate(texts)])
+        with stopwatch() as t:
+            out = score_dataset(ds, cfg, use_gpu=cfg.device == "cuda", concurrency=1).to_pandas()
+        assert len(out) == len(texts)
+        backend = cfg.backend
+    finally:
+        ray.shutdown()
+    return Row("score_dataset (Ray Data, 1 actor, start-up included)", backend, float("nan"), t[0], tokens)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def _fmt(x: float, digits: int = 1) -> str:
+    return "-" if x != x else f"{x:,.{digits}f}"
+
+
+def render(rows: list[Row], agreement: dict, meta: dict) -> str:
+    base_vllm = next((r.tokens_per_s for r in rows if r.method.startswith("bare vLLM")), float("nan"))
+    base_hf = next((r.tokens_per_s for r in rows if r.method.startswith("bare transformers")), float("nan"))
+    table = markdown_table(
+        ["method", "backend", "init s", "score s", "tokens", "tokens/s", "x bare vLLM", "x bare transformers"],
+        [[r.method, r.backend, _fmt(r.init_s), _fmt(r.score_s), f"{r.tokens:,}", _fmt(r.tokens_per_s),
+          _fmt(r.tokens_per_s / base_vllm, 2), _fmt(r.tokens_per_s / base_hf, 2)] for r in rows],
+    )
+    lines = [
+        "## Score stage throughput" + (" (--quick)" if meta["quick"] else ""),
+        "",
+        f"Machine: {meta['machine']}. Model: {meta['model']} ({meta['dtype']} on {meta['device']}), "
+        f"max_tokens {meta['max_tokens']}. Documents: {meta['docs']} from {meta['source']}; "
+        f"{meta['tokens']:,} input tokens.",
+        "",
+        table,
+        "",
+    ]
+    if agreement:
+        lines += [
+            "Exact entropy, vLLM vs transformers backend on these documents: max |delta| mean entropy "
+            f"{agreement['uncertainty']:.2e} nats, max entropy {agreement['max_entropy']:.2e}, "
+            f"NLL {agreement['nll']:.2e}; n_tokens identical: {agreement['n_tokens_equal']}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="48 documents, max_tokens 256")
+    p.add_argument("--docs", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray-wrapped row")
+    p.add_argument("--no-vllm", action="store_true", help="skip vLLM rows (transformers only)")
+    p.add_argument("--out", type=Path, default=OUT / "score.md")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_env()
+    import torch
+
+    from ops.model_prep import prepare_model
+    from ops.score import load_tokenizer, model_window, resolve_device, resolve_dtype
+    from ops.score_inputs import encode
+    from ops.score_vllm import vllm_available
+    from pipelines.config import ScoreConfig
+
+    n_docs = args.docs or (48 if args.quick else 240)
+    max_tokens = args.max_tokens or (256 if args.quick else 512)
+    device = resolve_device("auto")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Every in-process method uses the same CPU threads.
+    torch.set_num_threads(cpus)
+    base = ScoreConfig(max_tokens=max_tokens, device=device, num_cpus=cpus)
+    model_dir = prepare_model(base.model, base.cache_dir)
+    texts, source = load_texts(n_docs)
+    tokenizer = load_tokenizer(model_dir)
+    ids = [s for s in encode(tokenizer, texts, window=model_window(model_dir, max_tokens),
+                             truncation=base.truncation).ids if len(s) >= 2]
+    tokens = sum(map(len, ids))
+    log(f"{len(texts)} docs, {tokens:,} input tokens, device {device}, {cpus} CPU threads")
+    use_vllm = vllm_available() and not args.no_vllm
+
+    rows: list[Row] = []
+    log("bare transformers forward loop")
+    rows.append(bench_bare_hf(model_dir, ids, device, resolve_dtype("auto", device)))
+    log("Scorer, transformers backend")
+    row, hf_out = bench_scorer(base.model_copy(update={"backend": "transformers"}), texts, tokens)
+    rows.append(row)
+    agreement: dict = {}
+    if use_vllm:
+        log("Scorer, vLLM backend")
+        row, vllm_out = bench_scorer(base.model_copy(update={"backend": "vllm"}), texts, tokens)
+        rows.append(row)
+        agreement = {c: float(np.nanmax(np.abs(vllm_out[c].astype(np.float64) - hf_out[c])))
+                     for c in ("uncertainty", "max_entropy", "nll")}
+        agreement["n_tokens_equal"] = bool((vllm_out["n_tokens"] == hf_out["n_tokens"]).all())
+        log("bare vLLM generate with prompt_logprobs")
+        rows.append(bench_bare_vllm(model_dir, ids, base, device))
+    else:
+        log("vLLM not importable (or --no-vllm): skipping vLLM rows")
+    if not args.no_ray:
+        ray_backend = "vllm" if use_vllm else "transformers"
+        log(f"score_dataset on local Ray ({ray_backend})")
+        rows.append(bench_ray(base.model_copy(update={"backend": ray_backend}), texts, tokens, cpus))
+
+    meta = dict(quick=args.quick, machine=machine_description(), model=base.model, device=device,
+                dtype=str(resolve_dtype("auto", device)).removeprefix("torch."), max_tokens=max_tokens,
+                docs=len(texts), source=source, tokens=tokens)
+    text = render(rows, agreement, meta)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "agreement": agreement,
+         "rows": [{**r.__dict__, "tokens_per_s": r.tokens_per_s} for r in rows]}, indent=2, default=str))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

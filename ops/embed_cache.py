@@ -1,0 +1,107 @@
+"""Embedding cache: vectors keyed by (doc_id, text hash, model) so a later run embeds only new or changed docs.
+
+Layout: ``OUTPUT/cache/embeddings/model=<slug>/part-<digest>.parquet`` with ``doc_id``, ``text_hash`` and
+``embedding`` (fixed-size list of float32). Entries are content-addressed, so files written by a run that
+later crashed are still valid and a rerun reuses them. Each file is named after the keys it holds, so a
+retried Ray task rewrites the same file instead of adding a copy.
+
+Lookup is a Ray Data left outer join of the accepted documents with the cache on (doc_id, text_hash): it
+runs distributed and the driver holds no keys. Without any cache file the join is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ops import read as rd
+from ops import storage
+from ops.embed import EMBEDDING
+from ops.instrument import BUSY_S, NODE_ID
+from ops.storage import OutputRoot
+from pipelines.config import EmbedConfig
+
+TEXT_HASH = "_text_hash"  # the pipeline's column; the cache files call it text_hash
+CACHE_DIR = "cache/embeddings"
+_ROWS_PER_JOIN_PARTITION = 100_000
+
+
+def model_key(cfg: EmbedConfig) -> str:
+    """The encoder and the settings that change its vectors (truncation length)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model).strip("-") or "model"
+    return f"{slug}-seq{cfg.max_seq_length}"
+
+
+def add_text_hash(table: pa.Table) -> pa.Table:
+    """Ray Data batch function: hash of the (already truncated) text that the encoder sees."""
+    return table.append_column(TEXT_HASH, pa.array(rd.text_hash(table.column("text").to_pylist()), pa.string()))
+
+
+class EmbeddingCache:
+    def __init__(self, output: OutputRoot, cfg: EmbedConfig):
+        self.fs = output.fs
+        self.dir = output.path(f"{CACHE_DIR}/model={model_key(cfg)}")
+        self.display = output.display(self.dir)
+
+    def files(self) -> list[str]:
+        return [p for p in storage.list_files(self.fs, self.dir) if p.endswith(".parquet")]
+
+    def split(self, docs: Any, columns: list[str], n_docs: int) -> tuple[Any, Optional[Any]]:
+        """(documents to embed, documents with cached vectors) from a dataset of ``columns`` + ``_text_hash``.
+
+        The cached half has the embed stage's output columns: ``columns``, ``embedding`` as a tensor, node
+        and busy time.
+        """
+        import ray
+        from ray.data.expressions import col
+
+        files = self.files()
+        if not files:
+            return docs, None
+        cached = ray.data.read_parquet(
+            files, filesystem=self.fs, columns=["doc_id", "text_hash", EMBEDDING], partitioning=None,
+        ).rename_columns({"text_hash": TEXT_HASH})
+        partitions = max(1, min(256, math.ceil(n_docs / _ROWS_PER_JOIN_PARTITION)))
+        joined = docs.join(cached, "left_outer", partitions, on=("doc_id", TEXT_HASH)).materialize()
+        misses = joined.filter(expr=col(EMBEDDING).is_null()).drop_columns([EMBEDDING])
+        hits = joined.filter(expr=~col(EMBEDDING).is_null()).map_batches(
+            _as_embedded, fn_kwargs={"columns": columns}, batch_format="numpy")
+        return misses.materialize(), hits.materialize()
+
+    def write(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data batch function after the encoder: store the new vectors, pass the batch on."""
+        hashes = batch.pop(TEXT_HASH)
+        if len(hashes) == 0:
+            return batch
+        vectors = np.ascontiguousarray(batch[EMBEDDING], dtype=np.float32)
+        ids = [str(d) for d in batch["doc_id"]]
+        table = pa.table({
+            "doc_id": pa.array(ids, pa.string()),
+            "text_hash": pa.array([str(h) for h in hashes], pa.string()),
+            EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]),
+        })
+        digest = hashlib.blake2b("\n".join(f"{i}\t{h}" for i, h in zip(ids, hashes)).encode("utf-8"),
+                                 digest_size=16).hexdigest()
+        storage.write_parquet(self.fs, f"{self.dir}/part-{digest}.parquet", table)
+        return batch
+
+
+def _as_embedded(batch: dict[str, np.ndarray], columns: list[str]) -> dict[str, np.ndarray]:
+    """Cached rows in the encoder's output shape; a doc_id met twice (two runs cached it) is kept once."""
+    import ray
+
+    _, first = np.unique(batch["doc_id"].astype(str), return_index=True)
+    keep = np.sort(first)
+    vectors = batch[EMBEDDING]
+    if vectors.dtype == object:
+        vectors = np.stack(vectors) if len(vectors) else np.zeros((0, 1), np.float32)
+    out = {name: batch[name][keep] for name in columns}
+    out[EMBEDDING] = np.ascontiguousarray(vectors[keep], dtype=np.float32)
+    out[NODE_ID] = np.full(len(keep), ray.get_runtime_context().get_node_id(), dtype=object)
+    out[BUSY_S] = np.zeros(len(keep), dtype=np.float64)
+    return out

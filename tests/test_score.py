@@ -1,0 +1,230 @@
+"""Score stage with the real bundled SmolLM2 (transformers backend), inputs/packing, and model preparation."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ops import model_prep
+from ops.score import SCORE_COLUMNS, Scorer, count_tokens, docs_per_batch, score_dataset
+from ops.score_inputs import encode, pack_by_tokens, truncate
+from pipelines.config import BUNDLED_ENCODER, BUNDLED_LLM, ScoreConfig
+
+FLUENT = ("The city council approved the new budget on Tuesday, setting aside more money for schools, "
+          "road repairs and public parks over the next two years.")
+DOCS = [
+    FLUENT,
+    "Stocks fell sharply in early trading after the central bank raised interest rates again.",
+    "def add(a, b):\n    return a + b\n",
+    "Le chat dort sur le canapé pendant que la pluie tombe dehors.",
+    "| year | revenue |\n| 2021 | 4.2 |\n| 2022 | 5.1 |",
+    "Hi.",
+]
+
+
+@lru_cache(maxsize=None)
+def scorer(**overrides) -> Scorer:
+    return Scorer(ScoreConfig(backend="transformers", device="cpu", **overrides))
+
+
+def _batch(texts, **extra) -> dict[str, np.ndarray]:
+    batch = {"doc_id": np.array([f"d{i}" for i in range(len(texts))], dtype=object),
+             "text": np.array(texts, dtype=object)}
+    batch.update(extra)
+    return batch
+
+
+# -- pure input handling -------------------------------------------------------------------------------
+def test_truncate_head_and_head_tail():
+    ids = list(range(10))
+    assert truncate(ids, 20, "head") == (ids, False)
+    assert truncate(ids, 4, "head") == ([0, 1, 2, 3], True)
+    assert truncate(ids, 5, "head_tail") == ([0, 1, 2, 8, 9], True)
+    assert truncate(ids, 4, "head_tail") == ([0, 1, 8, 9], True)
+
+
+def test_pack_by_tokens_bounds_padding_and_covers_everything():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 300) for _ in range(200)] + [5000]
+    groups = pack_by_tokens(lengths, batch_tokens=1024)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        real = sum(lengths[i] for i in g)
+        assert len(g) == 1 or (len(g) * width <= 1024 and len(g) * width <= 1.25 * real)
+    assert [5000] in [[lengths[i] for i in g] for g in groups]
+
+
+def test_docs_per_batch_scales_with_token_budget():
+    assert docs_per_batch(ScoreConfig()) >= 32
+    assert docs_per_batch(ScoreConfig(batch_tokens=65536, max_tokens=512)) == 512
+
+
+def test_device_dtype_and_backend_resolution(monkeypatch):
+    import torch
+
+    from ops import score, score_vllm
+
+    assert score.resolve_dtype("auto", "cpu") == torch.float32
+    assert score.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert score.resolve_dtype("float16", "cpu") == torch.float16
+    assert score.resolve_device("cpu") == "cpu"
+    assert score.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert score.choose_backend("transformers") == "transformers"
+    monkeypatch.setattr(score_vllm, "vllm_available", lambda: False)
+    assert score.choose_backend("auto") == "transformers"
+    monkeypatch.setattr(score_vllm, "vllm_available", lambda: True)
+    assert score.choose_backend("auto") == "vllm"
+
+
+# -- real model ----------------------------------------------------------------------------------------
+def test_scores_real_sentences():
+    s = scorer()
+    out = s(_batch(DOCS))
+    assert s.backend == "transformers"
+    for col in SCORE_COLUMNS:
+        assert len(out[col]) == len(DOCS)
+    assert np.all(np.isfinite(out["uncertainty"])) and np.all(out["uncertainty"] > 0)
+    assert np.all(out["max_entropy"] >= out["uncertainty"])
+    # SmolLM2's vocabulary has 49152 entries: entropy is bounded by log(V).
+    assert np.all(out["max_entropy"] <= math.log(49152) + 1e-3)
+    assert not out["truncated"].any()
+    # BOS is prepended, so every text token is predicted: n_tokens equals the tokenizer-only count.
+    assert out["n_tokens"].tolist() == count_tokens(DOCS, s.cfg)
+    assert out["n_tokens"].dtype == np.int64 and out["truncated"].dtype == bool
+
+
+def test_fluent_text_is_less_surprising_than_shuffled_words():
+    words = FLUENT.split()
+    shuffled = " ".join(random.Random(1).sample(words, len(words)))
+    out = scorer()(_batch([FLUENT, shuffled]))
+    assert out["nll"][0] < out["nll"][1] - 0.5
+
+
+def test_empty_and_missing_text_get_zero_tokens_and_nan():
+    out = scorer()(_batch(["", None, "Hello there, how are you today?"]))
+    assert out["n_tokens"].tolist()[:2] == [0, 0]
+    assert np.isnan(out["uncertainty"][:2]).all() and np.isnan(out["nll"][:2]).all()
+    assert np.isnan(out["max_entropy"][:2]).all()
+    assert out["n_tokens"][2] > 0 and np.isfinite(out["uncertainty"][2])
+
+
+def test_truncation_flags_and_head_tail():
+    long_doc = " ".join(DOCS[:4]) * 3
+    head = scorer(max_tokens=24)
+    out = head(_batch([long_doc, DOCS[-1]]))
+    assert out["truncated"].tolist() == [True, False]
+    assert out["n_tokens"][0] == 23  # 24 model positions including BOS -> 23 predicted tokens
+
+    tail = scorer(max_tokens=24, truncation="head_tail")
+    out_ht = tail(_batch([long_doc]))
+    assert out_ht["truncated"].tolist() == [True] and out_ht["n_tokens"][0] == 23
+    assert out_ht["uncertainty"][0] != pytest.approx(out["uncertainty"][0])
+
+    full = tail.tokenizer(long_doc, add_special_tokens=False)["input_ids"]
+    enc = encode(tail.tokenizer, [long_doc], window=24, truncation="head_tail")
+    assert enc.ids[0] == [tail.tokenizer.bos_token_id] + full[:12] + full[-11:]
+
+
+def test_order_is_preserved_across_length_sorted_batches():
+    texts = [DOCS[i % len(DOCS)] * (1 + (i * 5) % 3) for i in range(7)]
+    small_batches = scorer(batch_tokens=96)
+    out = small_batches(_batch(texts))
+    one_by_one = [small_batches(_batch([t])) for t in texts]
+    for col in ("uncertainty", "max_entropy", "nll", "n_tokens"):
+        expected = np.array([o[col][0] for o in one_by_one])
+        np.testing.assert_allclose(out[col], expected, rtol=1e-4, atol=1e-4, err_msg=col)
+
+
+def test_passthrough_columns_are_unchanged():
+    extra = {"label": np.array([3, 1, 4], dtype=np.int64), "source": np.array(["a", "b", None], dtype=object)}
+    batch = _batch(DOCS[:3], **extra)
+    out = scorer()(dict(batch))
+    assert out["doc_id"].tolist() == batch["doc_id"].tolist()
+    assert out["text"].tolist() == DOCS[:3]
+    assert out["label"].tolist() == [3, 1, 4] and out["source"].tolist() == ["a", "b", None]
+
+
+def test_parameter_count_of_the_bundled_model():
+    # SmolLM2-135M: ~134.5M parameters with the output head tied to the input embedding.
+    assert 130e6 < model_prep.parameter_count(ScoreConfig()) < 140e6
+
+
+def test_resolve_encoder_path():
+    path = Path(model_prep.resolve_encoder_path(BUNDLED_ENCODER))
+    assert path.is_dir() and path.name == "model"
+    assert model_prep.resolve_encoder_path("sentence-transformers/foo") == "sentence-transformers/foo"
+
+
+def test_unknown_references_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(model_prep.ModelPrepError, match="unknown bundled model"):
+        model_prep.prepare_model("bundled:nope")
+    with pytest.raises(model_prep.ModelPrepError, match="not a checkpoint"):
+        model_prep.prepare_model(str(tmp_path))
+    with pytest.raises(model_prep.ModelPrepError, match="local Hugging Face cache"):
+        model_prep.prepare_model("no-such-org/no-such-model-xyz")
+
+
+# -- model preparation: concurrent-safe, idempotent -----------------------------------------------------
+def _prepare_racer(cache_dir: str, barrier, results) -> None:
+    converted = []
+    original = model_prep._convert_gguf
+
+    def counting(gguf, out):
+        converted.append(1)
+        original(gguf, out)
+
+    model_prep._convert_gguf = counting
+    barrier.wait()
+    path = model_prep.prepare_model(BUNDLED_LLM, cache_dir)
+    results.put((path, len(converted)))
+
+
+@pytest.mark.slow
+def test_model_prep_races_produce_one_valid_checkpoint(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_prepare_racer, args=(str(tmp_path), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    paths = {path for path, _ in got}
+    assert len(paths) == 1 and sum(n for _, n in got) == 1  # both see one checkpoint; one converted it
+    target = Path(paths.pop())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [target.name]  # no temp dirs left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in target.iterdir()}
+
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(target).architectures == ["LlamaForCausalLM"]
+    weights = target / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert model_prep.prepare_model(BUNDLED_LLM, str(tmp_path)) == str(target)  # idempotent, no rewrite
+    assert weights.stat().st_mtime_ns == before
+    # A prepared checkpoint directory is itself a valid reference.
+    assert model_prep.prepare_model(str(target)) == str(target)
+
+
+# -- Ray wrapper ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_score_dataset_on_local_ray(ray_local):
+    cfg = ScoreConfig(backend="transformers", max_tokens=64)
+    rows = [{"doc_id": f"d{i}", "text": t, "label": i} for i, t in enumerate(DOCS)]
+    out = score_dataset(ray_local.data.from_items(rows), cfg, use_gpu=False, concurrency=1).to_pandas()
+    assert sorted(out["doc_id"]) == sorted(r["doc_id"] for r in rows)
+    assert set(SCORE_COLUMNS) | {"doc_id", "text", "label"} <= set(out.columns)
+    out = out.set_index("doc_id")
+    local = scorer(max_tokens=64)(_batch(DOCS))
+    for i, doc_id in enumerate(local["doc_id"]):
+        assert out.loc[doc_id, "label"] == i
+        assert out.loc[doc_id, "n_tokens"] == local["n_tokens"][i]
+        assert out.loc[doc_id, "uncertainty"] == pytest.approx(float(local["uncertainty"][i]), abs=1e-4)
