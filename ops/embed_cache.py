@@ -6,7 +6,9 @@ later crashed are still valid and a rerun reuses them. Each file is named after 
 retried Ray task rewrites the same file instead of adding a copy.
 
 Lookup is a Ray Data left outer join of the accepted documents with the cache on (doc_id, text_hash): it
-runs distributed and the driver holds no keys. Without any cache file the join is skipped.
+runs distributed and the driver holds no keys. Without any cache file the join is skipped. The join reads
+and shuffles the whole cache (about 1.5 KB per cached document at 384 dimensions); the cache grows by the
+files of each run and is never compacted, so delete it (or a model's folder) to start over.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ def add_text_hash(table: pa.Table) -> pa.Table:
 
 
 class EmbeddingCache:
+    """One encoder's cache under an output root: split documents into cached/new, store new vectors."""
+
     def __init__(self, output: OutputRoot, cfg: EmbedConfig):
         self.fs = output.fs
         self.dir = output.path(f"{CACHE_DIR}/model={model_key(cfg)}")
-        self.display = output.display(self.dir)
 
     def files(self) -> list[str]:
         return [p for p in storage.list_files(self.fs, self.dir) if p.endswith(".parquet")]

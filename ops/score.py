@@ -125,11 +125,32 @@ class Scorer:
         stats = [EMPTY] * len(texts)
         todo = [i for i, ids in enumerate(enc.ids) if len(ids) >= 2]
         seqs = [enc.ids[i] for i in todo]
+        # Positions of several short documents go through the output head together (one large matmul per
+        # chunk instead of many small ones); pending hidden states stay bounded by a few chunks.
+        pending: list[tuple[int, torch.Tensor]] = []
+        pending_positions = 0
+
+        def flush() -> None:
+            nonlocal pending_positions
+            if not pending:
+                return
+            device = self.engine.head.device
+            hidden = torch.cat([h.to(device) for _, h in pending])
+            targets = torch.cat([torch.as_tensor(seqs[j][1:]) for j, _ in pending]).to(device)
+            entropy, nll = hidden_entropy_nll(hidden, targets, head=self.engine.head, chunk=self.chunk)
+            sizes = [h.shape[0] for _, h in pending]
+            for (j, _), e, n in zip(pending, entropy.split(sizes), nll.split(sizes)):
+                stats[todo[j]] = reduce_doc(e, n)
+            pending.clear()
+            pending_positions = 0
+
         with torch.inference_mode():
             for j, hidden in self.engine.hidden_states(seqs):
-                targets = torch.as_tensor(seqs[j][1:], device=hidden.device)
-                entropy, nll = hidden_entropy_nll(hidden[:-1], targets, head=self.engine.head, chunk=self.chunk)
-                stats[todo[j]] = reduce_doc(entropy, nll)
+                pending.append((j, hidden[:-1]))  # position t predicts token t + 1; the last has no target
+                pending_positions += hidden.shape[0] - 1
+                if pending_positions >= 4 * self.chunk:
+                    flush()
+            flush()
         return {
             "uncertainty": np.array([s.mean_entropy for s in stats], dtype=np.float32),
             "max_entropy": np.array([s.max_entropy for s in stats], dtype=np.float32),

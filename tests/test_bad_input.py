@@ -10,8 +10,10 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyarrow import fs as pafs
 
 from ops import read as rd
+from pipelines.config import InputConfig
 from tests.cli_run import QUICK, error_line, labelnext, manifest, run_dir, selected_ids
 from tests.conftest import write_corpus
 
@@ -170,10 +172,32 @@ def _corrupt_data_page(d):
     return path, ["corrupt.parquet", "failed to read"]
 
 
+def _read_everything(corpus):
+    """What the pipeline's read stage does with a local corpus, without Ray."""
+    local = pafs.LocalFileSystem()
+    files = rd.list_corpus_files(local, str(corpus), str(corpus))
+    for info in rd.inspect_files(local, files, InputConfig()):
+        for _ in rd.read_file(local, info, InputConfig(), info.path):
+            pass
+
+
+@pytest.mark.parametrize("make", [
+    _missing_text_column, _mistyped_id_column, _second_file_lacks_id, _not_found, _empty_folder,
+    _text_file_among_parquet, _truncated_parquet, _unreadable_file, _corrupt_data_page,
+], ids=lambda f: f.__name__.strip("_"))
+def test_reader_names_the_bad_file_and_column(tmp_path, make):
+    corpus, names = make(tmp_path)
+    with pytest.raises(rd.CorpusError) as err:
+        _read_everything(corpus)
+    message = str(err.value)
+    assert "\n" not in message
+    for name in names:
+        assert name in message
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [
-    _missing_text_column, _mistyped_id_column, _second_file_lacks_id, _not_found, _empty_corpus, _empty_folder,
-    _text_file_among_parquet, _truncated_parquet, _unreadable_file, _corrupt_data_page,
+    _not_found, _missing_text_column, _text_file_among_parquet, _empty_corpus, _corrupt_data_page,
 ], ids=lambda f: f.__name__.strip("_"))
 def test_bad_corpus_fails_with_one_line_naming_file_and_column(tmp_path, make):
     corpus, names = make(tmp_path)
@@ -196,6 +220,18 @@ def test_every_row_rejected_fails_with_one_line(tmp_path):
 def _bytes_column(values):
     """A Parquet *string* column that may hold invalid UTF-8 (as some writers produce)."""
     return pa.array(values, pa.binary()).view(pa.string())
+
+
+def test_reader_rejects_invalid_utf8_in_a_string_column_row_by_row(tmp_path):
+    path = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({"id": _bytes_column([b"ok", b"bad-text", b"bad-id-\xff", b"null"]),
+                             "text": _bytes_column([b"fine", b"caf\xe9", b"fine", None])}), path)
+    info = rd.inspect_files(pafs.LocalFileSystem(), [str(path)], InputConfig())[0]
+    table = pa.concat_tables(rd.read_file(pafs.LocalFileSystem(), info, InputConfig()))
+    assert table.column("reject_reason").to_pylist() == [None, rd.REJECT_NON_UTF8, rd.REJECT_NON_UTF8_ID,
+                                                         rd.REJECT_NULL]
+    assert table.column("doc_id").to_pylist() == ["ok", "bad-text", "bad-id-\\xff", "null"]
+    assert table.column("text").to_pylist()[0] == "fine"
 
 
 @pytest.fixture(scope="module")
