@@ -29,7 +29,7 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def validate_run_id(run_id: str) -> str:
-    if not run_id or not _RUN_ID.match(run_id) or ".." in run_id:
+    if not run_id or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise ValueError(
             f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

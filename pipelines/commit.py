@@ -83,9 +83,12 @@ class RunWriter:
         self.ledger_entry: dict[str, Any] | None = None
 
     def begin(self) -> None:
-        """Claim the run id, then clear any earlier attempt: manifest first, then its ledger entry and data."""
+        """Claim the run id. An earlier committed attempt stays readable until this one has its outputs."""
         self.claim.acquire()
         self.claim.start_heartbeat()
+
+    def clear_previous(self) -> None:
+        """Clear any earlier attempt of this run id: manifest first, then its ledger entry and data."""
         manifest = self.layout.path(MANIFEST)
         if storage.exists(self.fs, manifest):
             log.info("run %s exists: replacing it", self.layout.uri())
@@ -109,6 +112,7 @@ class RunWriter:
     def write_outputs(self, *, selected: pa.Table, scores: pa.Table, assigned, rejected, centroids: np.ndarray,
                       sizes: np.ndarray) -> None:
         self.claim.ensure_held()
+        self.clear_previous()
         layout, fs = self.layout, self.fs
         storage.write_parquet(fs, self._part("selected"), selected)
         storage.write_parquet(fs, self._part("scores"), scores)

@@ -146,7 +146,8 @@ class SelectionPipeline:
                 rows = rows.filter(pa.compute.is_null(rows.column(rd.REASON)))
                 dups = np.array(sorted(rd.exact_duplicates(rows)), dtype=np.int64)
             marked = validated.map_batches(_mark_duplicates, fn_kwargs={"dups": dups}, batch_format="pyarrow").materialize()
-            accepted = marked.filter(expr=col(rd.REASON).is_null())
+            # Materialised so the embed actor pool's input has no pending tasks competing for its CPUs.
+            accepted = marked.filter(expr=col(rd.REASON).is_null()).materialize()
             rejected = marked.filter(expr=~col(rd.REASON).is_null()).map_batches(
                 _reject_rows, fn_kwargs={"files": [prefix + f for f in files]}, batch_format="pyarrow"
             ).materialize()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -249,11 +250,18 @@ def messy_corpus(tmp_path_factory):
     return d
 
 
-@pytest.mark.slow
-def test_bad_rows_are_rejected_with_reasons_and_the_run_commits(messy_corpus, tmp_path):
+@pytest.fixture(scope="module")
+def messy_run(messy_corpus, tmp_path_factory):
     # budget above the corpus and k above the number of documents: clamp, do not fail
-    proc = labelnext(*run_args(messy_corpus, tmp_path, "--run-id", "messy", "--run-date", "2026-11-25",
+    out = tmp_path_factory.mktemp("messy-out")
+    proc = labelnext(*run_args(messy_corpus, out, "--run-id", "messy", "--run-date", "2026-11-25",
                                "--set", "cluster.k=500", budget="1000"))
+    return out, proc
+
+
+@pytest.mark.slow
+def test_bad_rows_are_rejected_with_reasons_and_the_run_commits(messy_run):
+    tmp_path, proc = messy_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     run = run_dir(tmp_path, "messy")
@@ -275,3 +283,14 @@ def test_bad_rows_are_rejected_with_reasons_and_the_run_commits(messy_corpus, tm
     assert "huge" in chosen and "d0" in chosen
     cost = json.loads((run / "cost_report.json").read_text())
     assert cost["stages"]["read"]["truncated_chars_docs"] == 1
+
+
+@pytest.mark.slow
+def test_a_rerun_that_fails_on_bad_input_keeps_the_committed_run(messy_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(messy_run[0], out)
+    before = manifest(run_dir(out, "messy"))
+    proc = labelnext(*run_args(tmp_path / "typo.parquet", out, "--run-id", "messy", "--run-date", "2026-11-25"))
+    assert_one_line_error(proc, "typo.parquet", "not found")
+    assert manifest(run_dir(out, "messy")) == before
+    assert selected_ids(run_dir(out, "messy"))

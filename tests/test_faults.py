@@ -106,12 +106,12 @@ def s3_corpus(small_corpus, s3_bucket, s3_env) -> str:
 
 def test_transient_s3_errors_are_retried_and_the_run_commits(s3_corpus, s3_bucket, s3_env):
     output = f"s3://{s3_bucket}/out"
-    with FlakyProxy(s3_env, fail_rate=0.2, statuses=(500, 503), max_consecutive=2, seed=7) as proxy:
+    with FlakyProxy(s3_env, fail_rate=0.15, statuses=(500, 503), max_consecutive=2, seed=7) as proxy:
         proc = labelnext("run", "--corpus", s3_corpus, "--output", output, "--run-id", "flaky", *RUN,
                          env={"AWS_ENDPOINT_URL": proxy.url})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
-    assert proxy.failed >= 5, (proxy.failed, proxy.forwarded)  # the faults really happened
+    assert proxy.failed >= 3, (proxy.failed, proxy.forwarded)  # the faults really happened
 
     client = _s3(s3_env)  # check what landed, bypassing the proxy
     prefix = "out/run_date=2026-11-25/run_id=flaky/"

@@ -85,8 +85,6 @@ def test_run_date_must_be_a_plain_iso_date(tmp_path, run_date):
         storage.RunLayout.create(str(tmp_path), run_date, "ok", StorageConfig())
 
 
-@pytest.mark.xfail(reason="ops/storage.py: _RUN_ID ends in '$', which also matches before a trailing newline; "
-                          "use _RUN_ID.fullmatch (or '\\Z') in validate_run_id", strict=False)
 def test_run_id_with_a_trailing_newline_is_rejected():
     with pytest.raises(ValueError, match="invalid run id"):
         storage.validate_run_id("run\n")

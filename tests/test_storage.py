@@ -229,6 +229,8 @@ def test_rerun_clears_the_old_attempt_manifest_first(tmp_path):
     writer = RunWriter(layout, cfg)
     writer.begin()
     try:
+        assert os.path.exists(layout.path(MANIFEST))  # still readable until the new outputs are written
+        writer.clear_previous()
         assert not os.path.exists(layout.prefix)
         assert not os.path.exists(ledger.entry_dir(layout))
     finally:
