@@ -7,8 +7,9 @@ Baselines:
 - bare transformers: a ``model(input_ids).logits`` loop, one document per forward, no entropy.
 
 Tokens are model input positions (BOS included) after truncation to ``score.max_tokens``; every method sees
-the same ids. Engine start-up is timed separately ("init s"); tokens/s is the steady scoring pass. The Ray
-row is end to end (actor start-up included). The stage's exact entropy is also checked across backends:
+the same ids. Engine start-up is timed separately ("init s"); tokens/s is the best of ``--rounds`` steady
+scoring passes (the load average is printed: on a shared machine the figures move with it). The Ray row is
+one end-to-end pass (actor start-up included). The stage's exact entropy is also checked across backends:
 max |vLLM - transformers| per document.
 
     python -m bench.score            # 240 docs, max_tokens 512
@@ -36,6 +37,16 @@ from bench.common import (  # noqa: E402
 )
 
 SEED = 0
+
+
+def best_of(rounds: int, fn) -> float:
+    """Fastest of ``rounds`` timed calls: the least disturbed by other work on the machine."""
+    times = []
+    for _ in range(rounds):
+        with stopwatch() as t:
+            fn()
+        times.append(t[0])
+    return min(times)
 
 
 @dataclass
@@ -76,39 +87,42 @@ def load_texts(n: int) -> tuple[list[str], str]:
 
 
 # -- methods --------------------------------------------------------------------------------------------
-def bench_scorer(cfg, texts: list[str], tokens: int) -> tuple[Row, dict]:
+def bench_scorer(cfg, texts: list[str], tokens: int, rounds: int) -> tuple[Row, dict]:
     from ops.score import Scorer
 
     with stopwatch() as t_init:
         scorer = Scorer(cfg)
         scorer({"doc_id": np.arange(2), "text": np.array(texts[:2], dtype=object)})  # warm-up
     batch = {"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
-    with stopwatch() as t:
-        out = scorer(batch)
+    out: dict = {}
+    seconds = best_of(rounds, lambda: out.update(scorer(dict(batch))))
     backend = scorer.backend
     scorer.close()
     del scorer
     gc.collect()
-    return Row("Scorer (exact entropy)", backend, t_init[0], t[0], tokens), out
+    return Row("Scorer (exact entropy)", backend, t_init[0], seconds, tokens), out
 
 
-def bench_bare_hf(model_dir: str, ids: list[list[int]], device: str, dtype) -> Row:
+def bench_bare_hf(model_dir: str, ids: list[list[int]], device: str, dtype, rounds: int) -> Row:
     import torch
     from transformers import AutoModelForCausalLM
 
     with stopwatch() as t_init:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    def loop() -> None:
+        for seq in ids:
+            model(torch.tensor([seq], device=device)).logits.float().cpu()
+
     with torch.inference_mode():
         model(torch.tensor([ids[0]], device=device))  # warm-up
-        with stopwatch() as t:
-            for seq in ids:
-                model(torch.tensor([seq], device=device)).logits.float().cpu()
+        seconds = best_of(rounds, loop)
     del model
     gc.collect()
-    return Row("bare transformers forward loop (logits only)", "transformers", t_init[0], t[0], sum(map(len, ids)))
+    return Row("bare transformers forward loop (logits only)", "transformers", t_init[0], seconds,
+               sum(map(len, ids)))
 
 
-def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str) -> Row:
+def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str, rounds: int) -> Row:
     from ops.score_vllm import apply_env_defaults
 
     apply_env_defaults(device)  # the same KV-cache and logging defaults as the stage
@@ -124,12 +138,12 @@ def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str) -> R
     with stopwatch() as t_init:
         llm = LLM(**kwargs)
         llm.generate([{"prompt_token_ids": ids[0]}], params, use_tqdm=False)  # warm-up
-    with stopwatch() as t:
-        llm.generate([{"prompt_token_ids": s} for s in ids], params, use_tqdm=False)
+    prompts = [{"prompt_token_ids": s} for s in ids]
+    seconds = best_of(rounds, lambda: llm.generate(prompts, params, use_tqdm=False))
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return Row("bare vLLM generate, prompt_logprobs=1 (top-1 + target only)", "vllm", t_init[0], t[0],
+    return Row("bare vLLM generate, prompt_logprobs=1 (top-1 + target only)", "vllm", t_init[0], seconds,
                sum(map(len, ids)))
 
 
@@ -169,7 +183,8 @@ def render(rows: list[Row], agreement: dict, meta: dict) -> str:
         "",
         f"Machine: {meta['machine']}. Model: {meta['model']} ({meta['dtype']} on {meta['device']}), "
         f"max_tokens {meta['max_tokens']}. Documents: {meta['docs']} from {meta['source']}; "
-        f"{meta['tokens']:,} input tokens.",
+        f"{meta['tokens']:,} input tokens. Best of {meta['rounds']} passes; 1-min load average "
+        f"{meta['load_before']:.1f} before, {meta['load_after']:.1f} after.",
         "",
         table,
         "",
@@ -189,6 +204,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="48 documents, max_tokens 256")
     p.add_argument("--docs", type=int)
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--rounds", type=int, help="timed passes per method, best kept (default 2 quick, 3 full)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray-wrapped row")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM rows (transformers only)")
     p.add_argument("--out", type=Path, default=OUT / "score.md")
@@ -206,7 +222,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ops.score_vllm import vllm_available
     from pipelines.config import ScoreConfig
 
+    load_before = os.getloadavg()[0]
     n_docs = args.docs or (48 if args.quick else 240)
+    rounds = args.rounds or (2 if args.quick else 3)
     max_tokens = args.max_tokens or (256 if args.quick else 512)
     device = resolve_device("auto")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -224,20 +242,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rows: list[Row] = []
     log("bare transformers forward loop")
-    rows.append(bench_bare_hf(model_dir, ids, device, resolve_dtype("auto", device)))
+    rows.append(bench_bare_hf(model_dir, ids, device, resolve_dtype("auto", device), rounds))
     log("Scorer, transformers backend")
-    row, hf_out = bench_scorer(base.model_copy(update={"backend": "transformers"}), texts, tokens)
+    row, hf_out = bench_scorer(base.model_copy(update={"backend": "transformers"}), texts, tokens, rounds)
     rows.append(row)
     agreement: dict = {}
     if use_vllm:
         log("Scorer, vLLM backend")
-        row, vllm_out = bench_scorer(base.model_copy(update={"backend": "vllm"}), texts, tokens)
+        row, vllm_out = bench_scorer(base.model_copy(update={"backend": "vllm"}), texts, tokens, rounds)
         rows.append(row)
         agreement = {c: float(np.nanmax(np.abs(vllm_out[c].astype(np.float64) - hf_out[c])))
                      for c in ("uncertainty", "max_entropy", "nll")}
         agreement["n_tokens_equal"] = bool((vllm_out["n_tokens"] == hf_out["n_tokens"]).all())
         log("bare vLLM generate with prompt_logprobs")
-        rows.append(bench_bare_vllm(model_dir, ids, base, device))
+        rows.append(bench_bare_vllm(model_dir, ids, base, device, rounds))
     else:
         log("vLLM not importable (or --no-vllm): skipping vLLM rows")
     if not args.no_ray:
@@ -247,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     meta = dict(quick=args.quick, machine=machine_description(), model=base.model, device=device,
                 dtype=str(resolve_dtype("auto", device)).removeprefix("torch."), max_tokens=max_tokens,
-                docs=len(texts), source=source, tokens=tokens)
+                docs=len(texts), source=source, tokens=tokens, rounds=rounds, load_before=load_before,
+                load_after=os.getloadavg()[0])
     text = render(rows, agreement, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

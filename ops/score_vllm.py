@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # CPU vLLM reserves its KV cache up front; scoring needs one prefill window per sequence, not a chat server's.
 _CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-_ENV_DEFAULTS = {"VLLM_LOGGING_LEVEL": "WARNING"}
+# vLLM logs to stdout by default; a batch job's stdout belongs to its own output.
+_ENV_DEFAULTS = {"VLLM_LOGGING_LEVEL": "WARNING", "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

@@ -300,7 +300,8 @@ class SelectionPipeline:
 
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
             ds = ray.data.from_arrow(candidates.select(["doc_id", "text"]))
-            scored = _collect(score_dataset(ds, self.cfg.score, use_gpu=p.use_gpu, concurrency=p.concurrency))
+            scored = _collect(score_dataset(ds, self.cfg.score, use_gpu=p.use_gpu, concurrency=p.concurrency,
+                                            num_gpus=p.num_gpus, num_cpus=p.num_cpus))
             st.docs = scored.num_rows
             st.tokens = int(pa.compute.sum(scored.column("n_tokens")).as_py() or 0)
             st.extra["actors"] = p.concurrency
