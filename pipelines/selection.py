@@ -22,7 +22,8 @@ from ray.data.expressions import col
 from ops import candidates as cand
 from ops import ledger
 from ops import read as rd
-from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, Assigner, choose_k, train_kmeans, train_sample_size
+from ops.cluster import (CLUSTER_ID, DISTANCE, RAND_KEY, Assigner, choose_k, rand_keys, train_kmeans,
+                          train_sample_size)
 from ops.cost import CostLedger, build_report
 from ops.embed import EMBEDDING, Embedder
 from ops.embed_cache import EmbeddingCache, add_text_hash
@@ -237,12 +238,7 @@ class SelectionPipeline:
         use_gpu = placement.cluster_use_gpu
         with self.ledger.stage("cluster", cpus=self._total_cpus(), gpus=1.0 if use_gpu else 0.0) as st:
             sample_n = train_sample_size(n, k, self.cfg.cluster)
-            source = embedded.select_columns([EMBEDDING])
-            if sample_n < n:
-                source = source.random_sample(min(1.0, 1.2 * sample_n / n), seed=self.cfg.cluster.seed)
-            sample = np.concatenate([b[EMBEDDING] for b in source.iter_batches(batch_format="numpy")])
-            sample = sample[:sample_n] if len(sample) >= k else np.concatenate(
-                [b[EMBEDDING] for b in embedded.select_columns([EMBEDDING]).iter_batches(batch_format="numpy")])
+            sample = _training_sample(embedded, n, sample_n, k, self.cfg.cluster.seed)
             init, warm_from = self._warm_start(k, sample.shape[1]) if self.cfg.cluster.warm_start else (None, None)
             train = ray.remote(_train_remote).options(num_gpus=1 if use_gpu else 0, num_cpus=1)
             centroids, objective = ray.get(train.remote(sample, k, self.cfg.cluster, use_gpu, init))
@@ -418,6 +414,33 @@ def attach_scores(left: pa.Table, right: pa.Table) -> pa.Table:
         if name != "doc_id":
             out = out.append_column(name, right.column(name).take(rows))
     return out
+
+
+_SAMPLE_SALT = 7919  # the training sample is drawn apart from the candidates' diverse share (select.seed)
+
+
+def _hash_sample(batch: dict[str, np.ndarray], seed: int, cutoff: int) -> dict[str, np.ndarray]:
+    keep = rand_keys([str(d) for d in batch["doc_id"]], seed) < cutoff
+    return {name: values[keep] for name, values in batch.items()}
+
+
+def _training_sample(embedded, n: int, sample_n: int, k: int, seed: int) -> np.ndarray:
+    """k-means rows chosen and ordered by a seeded hash of doc_id, whatever the block layout.
+
+    faiss k-means depends on the order of its training rows and Ray Data hands blocks over in completion
+    order, so both the choice and the order must come from the documents themselves for a reproducible run.
+    """
+    salt = seed + _SAMPLE_SALT
+    source = embedded.select_columns(["doc_id", EMBEDDING])
+    if sample_n < n:
+        cutoff = int(min(1.0, 1.2 * sample_n / n) * 2**53)  # rand_keys are 53-bit
+        source = source.map_batches(_hash_sample, fn_kwargs={"seed": salt, "cutoff": cutoff}, batch_format="numpy")
+    batches = [b for b in source.iter_batches(batch_format="numpy") if len(b["doc_id"])]
+    if sum(len(b["doc_id"]) for b in batches) < k:
+        batches = list(embedded.select_columns(["doc_id", EMBEDDING]).iter_batches(batch_format="numpy"))
+    ids = [str(d) for b in batches for d in b["doc_id"]]
+    vectors = np.concatenate([b[EMBEDDING] for b in batches])
+    return vectors[np.argsort(rand_keys(ids, salt), kind="stable")[:sample_n]]
 
 
 def _train_remote(sample: np.ndarray, k: int, cluster_cfg, use_gpu: bool, init: Optional[np.ndarray] = None):
