@@ -14,6 +14,7 @@ _ENV_DEFAULTS = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "VLLM_LOGGING_LEVEL": "WARNING",
     "VLLM_CONFIGURE_LOGGING": "1",
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
     "RAY_DEDUP_LOGS": "1",
 }
 _NOISY_LOGGERS = ("transformers", "sentence_transformers", "vllm", "faiss", "urllib3", "botocore", "filelock")

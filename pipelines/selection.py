@@ -292,7 +292,7 @@ class SelectionPipeline:
         if self.cfg.select.rule == "cluster_only" or candidates.num_rows == 0:
             self.counts["candidates_scored"] = 0
             return candidates
-        from ops.score import SCORE_COLUMNS, score_dataset
+        from ops.score import SCORE_COLUMNS, choose_backend, score_dataset
 
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
             ds = ray.data.from_arrow(candidates.select(["doc_id", "text"]))
@@ -306,7 +306,7 @@ class SelectionPipeline:
             if NODE_ID in scored.column_names:
                 self.nodes.update(scored.column(NODE_ID).to_pylist())
             st.extra["truncated_docs"] = int(pa.compute.sum(scored.column("truncated").cast(pa.int64())).as_py() or 0)
-            st.extra["backend"] = self.cfg.score.backend
+            st.extra["backend"] = choose_backend(self.cfg.score.backend)
         self.counts["candidates_scored"] = st.docs
         log.info("score: %d candidates, %d tokens in %.1fs", st.docs, st.tokens, st.wall_s)
         return attach_scores(candidates, scored.select(["doc_id", *SCORE_COLUMNS]))
@@ -318,7 +318,8 @@ class SelectionPipeline:
         from ops.score import count_tokens
 
         sample = embedded.select_columns(["text"]).limit(self.cfg.cost.token_sample).take_all()
-        counts = np.minimum(count_tokens([r["text"] for r in sample], self.cfg.score), self.cfg.score.max_tokens)
+        # count_tokens and n_tokens count predicted positions: a window of max_tokens predicts max_tokens - 1.
+        counts = np.minimum(count_tokens([r["text"] for r in sample], self.cfg.score), self.cfg.score.max_tokens - 1)
         return float(np.mean(counts) * n) if len(counts) else 0.0
 
     # -- helpers ----------------------------------------------------------------------------------
