@@ -1,6 +1,9 @@
 """Select stage: ``budget`` documents from scored candidates, mixing cluster quotas with uncertainty.
 
-Rules (DESIGN.md section 6):
+Rules (DESIGN.md section 6; ``bench/quality.py`` measures them):
+- ``typical_uncertain`` (default): quotas proportional to cluster size; within a cluster, candidates ranked by
+  uncertainty percentile minus ``typicality_weight`` x distance-to-centroid percentile (both among that
+  cluster's candidates), so uncertain documents win unless they are the cluster's outliers.
 - ``baseline``: quotas proportional to cluster size; within a cluster the most uncertain candidates.
 - ``uncertainty_weighted``: quotas proportional to size x mean candidate uncertainty.
 - ``round_robin``: clusters visited largest first, one most-uncertain document each per round.
@@ -28,14 +31,42 @@ _SCORE_FIELD = {"mean_entropy": "uncertainty", "nll": "nll", "max_entropy": "max
 
 def priority(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
     """Higher is picked first. NaN scores (no tokens) sort last."""
+    distance = table.column(DISTANCE).to_numpy().astype(np.float64)
     if cfg.rule == "cluster_only":
-        return -table.column(DISTANCE).to_numpy().astype(np.float64)
+        return -distance
     score = table.column(_SCORE_FIELD[cfg.score]).to_numpy(zero_copy_only=False).astype(np.float64)
     if cfg.entropy_cap_quantile is not None and np.isfinite(score).any():
         cap = np.nanquantile(score, cfg.entropy_cap_quantile)
         # Outliers above the cap are treated as least informative (garbled text, tables, foreign scripts).
         score = np.where(score > cap, -score, score)
-    return np.where(np.isfinite(score), score, -np.inf)
+    finite = np.isfinite(score)
+    score = np.where(finite, score, -np.inf)
+    if cfg.rule == "typical_uncertain":
+        clusters = table.column(CLUSTER_ID).to_numpy()
+        mixed = percentile_within(score, clusters) - cfg.typicality_weight * percentile_within(distance, clusters)
+        return np.where(finite, mixed, -np.inf)
+    return score
+
+
+def percentile_within(values: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Rank of each value among its cluster's values, scaled to [0, 1]; ties share their average rank, so the
+    result does not depend on row order. A cluster with one row gives 0."""
+    n = len(values)
+    if n == 0:
+        return np.zeros(0)
+    order = np.lexsort((values, clusters))
+    c, v = clusters[order], values[order]
+    first = np.searchsorted(c, c, side="left")
+    size = np.searchsorted(c, c, side="right") - first
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = (c[1:] != c[:-1]) | (v[1:] != v[:-1])
+    group = np.cumsum(new_group) - 1
+    starts = np.flatnonzero(new_group)
+    counts = np.diff(np.append(starts, n))
+    mean_pos = starts[group] + (counts[group] - 1) / 2.0
+    out = np.empty(n)
+    out[order] = (mean_pos - first) / np.maximum(size - 1, 1)
+    return out
 
 
 def _ranked_within(clusters: np.ndarray, prio: np.ndarray, tiebreak: np.ndarray) -> dict[int, list[int]]:
@@ -105,7 +136,9 @@ class Selector:
                     if len(chosen) >= budget:
                         break
         else:
-            reason = "cluster_representative" if self.cfg.rule == "cluster_only" else "cluster_quota_uncertainty"
+            reason = {"cluster_only": "cluster_representative",
+                      "typical_uncertain": "cluster_quota_typical_uncertain"}.get(self.cfg.rule,
+                                                                                "cluster_quota_uncertainty")
             quotas = self.quotas(sizes, candidates, prio, budget)
             ranked = _ranked_within(clusters, prio, tiebreak)
             for c in sorted(ranked):

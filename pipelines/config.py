@@ -79,8 +79,12 @@ class ScoreConfig(_Section):
 
 
 class SelectConfig(_Section):
-    rule: Literal["baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"] = "baseline"
+    rule: Literal[
+        "typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"
+    ] = "baseline"
     score: Literal["mean_entropy", "nll", "max_entropy"] = "mean_entropy"
+    typicality_weight: float = Field(default=1.0, ge=0, description="typical_uncertain: weight of the distance-"
+                                     "to-centroid percentile against the uncertainty percentile")
     entropy_cap_quantile: Optional[float] = Field(default=None, gt=0, le=1)
     dedup_threshold: float = Field(default=0.95, gt=0, le=1, description="cosine similarity above which docs are near-duplicates")
     seed: int = 0

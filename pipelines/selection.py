@@ -470,6 +470,10 @@ def init_ray(cfg: RunConfig) -> None:
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.print_on_execution_start = False
+    # Start every actor of a pool before dispatching, so work spreads over the pool (and nodes) instead of
+    # piling onto the first actor to load its model; a pool the cluster cannot place fails with a clear
+    # timeout instead of hanging.
+    ctx.wait_for_min_actors_s = 900
     # Progress bars on a terminal; elsewhere (jobs, CI, files) the per-stage log lines carry progress and
     # Ray Data's periodic progress dumps would flood the log.
     interactive = sys.stderr.isatty()

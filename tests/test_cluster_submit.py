@@ -299,7 +299,7 @@ def test_submit_wait_runs_the_pipeline_across_both_nodes(cluster, tmp_path):
         # Two 2-CPU embed actors cannot share a 3-CPU node, and small batches give both of them work, so
         # both nodes must show up in the run's node list.
         "--set", "embed.concurrency=2", "--set", "embed.num_cpus=2", "--set", "embed.device=cpu",
-        "--set", "embed.batch_size=8",
+        "--set", "embed.batch_size=4",
         "--set", "score.device=cpu", "--set", "score.concurrency=1", "--set", "score.max_tokens=64",
         "--set", "cost.token_sample=32",
     ]

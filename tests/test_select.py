@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from ops.select import SELECTED_COLUMNS, Selector
+from ops.select import SELECTED_COLUMNS, Selector, percentile_within
 from pipelines.config import SelectConfig
 
 
@@ -24,7 +24,10 @@ def _candidates(n=60, k=4, seed=0, dim=8):
     })
 
 
-@pytest.mark.parametrize("rule", ["baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"])
+RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"]
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_every_rule_returns_exactly_budget_unique_rows(rule):
     c = _candidates()
     sizes = np.array([400, 300, 200, 100])
@@ -69,3 +72,45 @@ def test_budget_larger_than_candidates_and_nan_scores():
     out = Selector(SelectConfig()).select(c, np.array([3, 2]), 50)
     assert out.num_rows == 5
     assert out.column("doc_id").to_pylist()[-1] in {"d0", "d3"}
+
+
+def test_percentile_within_clusters_is_order_free_and_averages_ties():
+    values = np.array([3.0, 1.0, 1.0, 5.0, 2.0, -np.inf])
+    clusters = np.array([0, 0, 0, 0, 1, 1])
+    pct = percentile_within(values, clusters)
+    # cluster 0 sorted: 1, 1, 3, 5 -> ranks 0.5, 0.5, 2, 3 over 3; cluster 1: -inf, 2 -> 0, 1
+    np.testing.assert_allclose(pct, [2 / 3, 0.5 / 3, 0.5 / 3, 1.0, 1.0, 0.0])
+    perm = np.random.default_rng(0).permutation(len(values))
+    np.testing.assert_allclose(percentile_within(values[perm], clusters[perm]), pct[perm])
+    assert percentile_within(np.array([4.0]), np.array([7])).tolist() == [0.0]
+
+
+def test_typical_uncertain_trades_uncertainty_against_distance_to_centroid():
+    # One cluster, quota 1: a far, very uncertain outlier vs a near, fairly uncertain document.
+    c = pa.table({
+        "doc_id": ["outlier", "typical", "dull"],
+        CLUSTER_ID: np.zeros(3, np.int32),
+        DISTANCE: np.array([0.9, 0.1, 0.2], np.float32),
+        RAND_KEY: np.array([1, 2, 3]),
+        "uncertainty": [3.0, 2.0, 1.0], "max_entropy": [5.0, 4.0, 3.0], "nll": [3.0, 2.0, 1.0],
+        "n_tokens": [10, 10, 10],
+    })
+    pick = lambda **kw: Selector(SelectConfig(**kw)).select(c, np.array([3]), 1).column("doc_id").to_pylist()
+    assert pick(rule="baseline") == ["outlier"]
+    assert pick(rule="typical_uncertain") == ["typical"]
+    assert pick(rule="typical_uncertain", typicality_weight=0.0) == ["outlier"]
+    out = Selector(SelectConfig(rule="typical_uncertain")).select(c, np.array([3]), 1)
+    assert out.column("reason").to_pylist() == ["cluster_quota_typical_uncertain"]
+
+
+def test_typical_uncertain_keeps_unscored_documents_last_and_ignores_row_order():
+    c = _candidates(n=40, k=3)
+    unc = c.column("uncertainty").to_numpy().copy()
+    unc[:5] = np.nan
+    c = c.set_column(c.schema.get_field_index("uncertainty"), "uncertainty", pa.array(unc))
+    sel = Selector(SelectConfig(rule="typical_uncertain"))
+    out = sel.select(c, np.array([100, 100, 100]), 15)
+    assert out.num_rows == 15 and not {f"d{i}" for i in range(5)} & set(out.column("doc_id").to_pylist())
+    shuffled = c.take(pa.array(np.random.default_rng(1).permutation(c.num_rows), pa.int64()))
+    assert sel.select(shuffled, np.array([100, 100, 100]), 15).column("doc_id").to_pylist() == \
+        out.column("doc_id").to_pylist()
