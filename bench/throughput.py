@@ -116,7 +116,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[st
 def bench_embed(texts: list[str], cfg, rounds: int) -> tuple[list[Row], np.ndarray]:
     import torch
 
-    from ops.embed import Embedder
+    from ops.embed import CPU_BATCH_TOKENS, Embedder
 
     n = len(texts)
     bare = _bare_model(cfg)
@@ -130,7 +130,9 @@ def bench_embed(texts: list[str], cfg, rounds: int) -> tuple[list[Row], np.ndarr
     ref, emb = outs["bare"], outs["embedder"]
     diff = float(np.abs(emb - ref).max())
     base = f"{n / t['bare']:.1f} (bare encode, batch {BARE_BATCH})"
-    rows = [Row("embed: Embedder.encode docs/s", base, f"{n / t['embedder']:.1f} (batch {cfg.batch_size})",
+    batching = f"<= {cfg.batch_size} docs and {CPU_BATCH_TOKENS} tokens per batch" if embedder.device == "cpu" \
+        else f"batch {cfg.batch_size}"
+    rows = [Row("embed: Embedder.encode docs/s", base, f"{n / t['embedder']:.1f} ({batching})",
                 f"{t['bare'] / t['embedder']:.2f}x",
                 f"max abs diff vs bare {diff:.1e} ({'ok' if diff <= PARITY_ATOL else 'MISMATCH'}); best of {rounds}")]
     low = outs["bf16"] / np.linalg.norm(outs["bf16"], axis=1, keepdims=True)
@@ -176,9 +178,14 @@ def _bench_ray_embed(texts: list[str], cfg, t_bare: float) -> Optional[Row]:
         count, t = _timed(run)
     finally:
         ray.shutdown()
-    return Row("embed: Ray Data stage docs/s", f"{len(texts) / t_bare:.1f} (bare, driver threads)",
+    import torch
+
+    threads = torch.get_num_threads()
+    per_cpu = (count / t / (p.concurrency * p.num_cpus)) / (len(texts) / t_bare / threads)
+    return Row("embed: Ray Data stage docs/s", f"{len(texts) / t_bare:.1f} (bare, {threads} threads)",
                f"{count / t:.1f}", f"{t_bare / t:.2f}x",
-               f"{p.concurrency} actor(s) x {p.num_cpus:g} CPU as placed; includes actor start + model load")
+               f"{p.concurrency} actor(s) x {p.num_cpus:g} CPU as placed (ops.placement keeps 1 CPU for Ray Data); "
+               f"per reserved CPU {per_cpu:.2f}x; includes actor start + model load")
 
 
 # -- 2. cluster -------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class ScoreConfig(_Section):
 class SelectConfig(_Section):
     rule: Literal[
         "typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"
-    ] = "baseline"
+    ] = Field(default="typical_uncertain", description="chosen by bench/quality.py (bench/README.md)")
     score: Literal["mean_entropy", "nll", "max_entropy"] = "mean_entropy"
     typicality_weight: float = Field(default=1.0, ge=0, description="typical_uncertain: weight of the distance-"
                                      "to-centroid percentile against the uncertainty percentile")

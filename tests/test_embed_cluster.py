@@ -28,6 +28,18 @@ def test_real_encoder_gives_normalised_semantic_vectors(embedder):
     np.testing.assert_allclose(embedder.encode([texts[2]])[0], emb[2], atol=1e-5)
 
 
+def test_token_bounded_batches_keep_order_and_match_plain_encode(embedder):
+    short = "Rates rose."
+    long = " ".join(["The committee debated the budget line by line late into the night."] * 30)
+    texts = [short, long, "A goal in the final minute.", long + " Again.", short + " Twice."]
+    batches = embedder._token_batches(texts)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(texts)))
+    assert all(len(b) <= embedder.cfg.batch_size for b in batches)
+    plain = np.ascontiguousarray(embedder.model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
+                                                       show_progress_bar=False), dtype=np.float32)
+    np.testing.assert_allclose(embedder.encode(texts), plain, atol=1e-5)
+
+
 def test_kmeans_on_real_embeddings_recovers_topics(embedder):
     table = make_documents(240, seed=1)
     table = table.filter(pa.compute.not_equal(table.column("topic"), "bad"))

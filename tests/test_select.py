@@ -41,7 +41,7 @@ def test_every_rule_returns_exactly_budget_unique_rows(rule):
 def test_baseline_quotas_follow_cluster_size_and_take_most_uncertain():
     c = _candidates()
     sizes = np.array([400, 300, 200, 100])
-    out = Selector(SelectConfig(dedup_threshold=1.0)).select(c, sizes, 10)
+    out = Selector(SelectConfig(rule="baseline", dedup_threshold=1.0)).select(c, sizes, 10)
     per_cluster = np.bincount(out.column("cluster_id").to_numpy(), minlength=4)
     assert per_cluster.tolist() == [4, 3, 2, 1]
     for cl in range(4):
@@ -59,7 +59,7 @@ def test_near_duplicates_are_dropped_and_result_is_deterministic():
     second = int(np.argsort(-unc)[1])
     emb[second] = emb[top]  # the second most uncertain is a copy of the first
     c = c.set_column(c.schema.get_field_index("embedding"), "embedding", pa.array(emb.tolist(), pa.list_(pa.float32())))
-    sel = Selector(SelectConfig(dedup_threshold=0.95))
+    sel = Selector(SelectConfig(rule="baseline", dedup_threshold=0.95))
     out = sel.select(c, np.array([20]), 3)
     ids = out.column("doc_id").to_pylist()
     assert f"d{top}" in ids and f"d{second}" not in ids

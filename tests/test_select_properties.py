@@ -21,7 +21,7 @@ from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, rand_keys
 from ops.select import SELECTED_COLUMNS, Selector
 from pipelines.config import CandidatesConfig, InputConfig, SelectConfig
 
-RULES = ["baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"]
+RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"]
 TEXTS = [None, "", "  \t", "plain text", "another document", "x", b"\xff\xfe not utf-8", "caf\u00e9"]
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
