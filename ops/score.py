@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
 BACKENDS = ("vllm", "transformers")
-# Bytes of float32 logits one entropy chunk may hold (x4 for the temporaries of log_softmax).
-_LOGIT_CHUNK_BYTES = 1 << 26
+# Bytes of float32 logits one output-head chunk may hold (one large matmul; the entropy statistics then run
+# over it in cache-sized row blocks, see ops.entropy).
+_LOGIT_CHUNK_BYTES = 1 << 27
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":

@@ -74,3 +74,19 @@ def pack_by_tokens(lengths: Sequence[int], batch_tokens: int, max_padding: float
     if current:
         groups.append(current)
     return groups
+
+
+def split_by_tokens(lengths: Sequence[int], group_tokens: int) -> list[list[int]]:
+    """Consecutive index groups of about ``group_tokens`` tokens each (no padding: for engines that pack)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        current.append(i)
+        total += n
+        if total >= group_tokens:
+            groups.append(current)
+            current, total = [], 0
+    if current:
+        groups.append(current)
+    return groups

@@ -8,6 +8,10 @@ entropy over the vocabulary; with ``k = -1`` it is exact but builds V Python obj
 the Scorer applies the float32 LM head from the checkpoint to get exact full-vocabulary logits. Prefix
 caching is off because a cached prefix would not be recomputed and its hidden states would be missing.
 
+The engine works on the next group of sequences while the Scorer applies the head to the current one
+(``hidden_states`` prefetches one group in a thread): the engine process and the head then overlap instead of
+taking turns, which bench/score.py measures.
+
 ``LLM(...)`` spawns engine processes: build this backend inside a Ray actor or under
 ``if __name__ == "__main__":``.
 """
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import torch
 
 from ops.score_head import OutputHead
+from ops.score_inputs import split_by_tokens
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +77,41 @@ class VLLMBackend:
         else:
             kwargs.update(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
         self.llm = LLM(**kwargs)
+        # A quarter of the engine's token budget per request group: small enough to overlap with the head,
+        # large enough to keep the engine's steps full.
+        self.group_tokens = max(window, batch_tokens // 4)
         self.params = PoolingParams(use_activation=False)
         self.device = torch.device(device)
         self.head = OutputHead.from_checkpoint(model_dir, device=self.device)
 
     def hidden_states(self, seqs: Sequence[Sequence[int]]) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(index, hidden[L, H])`` for every sequence; vLLM schedules the batch itself."""
+        """Yield ``(index, hidden[L, H])`` for every sequence, group by group; while the caller works on one
+        group's hidden states the engine computes the next group's."""
         if not seqs:
             return
+        groups = split_by_tokens([len(s) for s in seqs], self.group_tokens)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-encode") as pool:
+            pending = pool.submit(self._encode, seqs, groups[0])
+            for k, group in enumerate(groups):
+                outputs = pending.result()
+                if k + 1 < len(groups):
+                    pending = pool.submit(self._encode, seqs, groups[k + 1])
+                yield from zip(group, outputs)
+
+    def _encode(self, seqs: Sequence[Sequence[int]], group: list[int]) -> list[torch.Tensor]:
         outputs = self.llm.encode(
-            [{"prompt_token_ids": list(s)} for s in seqs],
+            [{"prompt_token_ids": list(seqs[i])} for i in group],
             pooling_params=self.params,
             pooling_task="token_embed",
             use_tqdm=False,
         )
-        for i, (seq, out) in enumerate(zip(seqs, outputs)):
-            hidden = out.outputs.data
-            if hidden.shape[0] != len(seq):
-                raise RuntimeError(f"vLLM returned {hidden.shape[0]} hidden states for a {len(seq)}-token prompt")
-            yield i, hidden.to(self.device)
+        hidden = []
+        for i, out in zip(group, outputs):
+            data = out.outputs.data
+            if data.shape[0] != len(seqs[i]):
+                raise RuntimeError(f"vLLM returned {data.shape[0]} hidden states for a {len(seqs[i])}-token prompt")
+            hidden.append(data.to(self.device))
+        return hidden
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

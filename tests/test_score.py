@@ -13,7 +13,7 @@ import pytest
 
 from ops import model_prep
 from ops.score import SCORE_COLUMNS, Scorer, count_tokens, docs_per_batch, score_dataset
-from ops.score_inputs import encode, pack_by_tokens, truncate
+from ops.score_inputs import encode, pack_by_tokens, split_by_tokens, truncate
 from pipelines.config import BUNDLED_ENCODER, BUNDLED_LLM, ScoreConfig
 
 FLUENT = ("The city council approved the new budget on Tuesday, setting aside more money for schools, "
@@ -59,6 +59,14 @@ def test_pack_by_tokens_bounds_padding_and_covers_everything():
         real = sum(lengths[i] for i in g)
         assert len(g) == 1 or (len(g) * width <= 1024 and len(g) * width <= 1.25 * real)
     assert [5000] in [[lengths[i] for i in g] for g in groups]
+
+
+def test_split_by_tokens_keeps_order_and_closes_groups_at_the_budget():
+    lengths = [100, 900, 50, 2000, 10, 10]
+    groups = split_by_tokens(lengths, group_tokens=1000)
+    assert groups == [[0, 1], [2, 3], [4, 5]]
+    assert split_by_tokens([], 1000) == []
+    assert split_by_tokens([5000], 1000) == [[0]]
 
 
 def test_docs_per_batch_scales_with_token_budget():

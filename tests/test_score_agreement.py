@@ -42,7 +42,9 @@ DOCS = [
     # Longer than the window below: exercises truncation identically in both backends.
     "In the spring of that year the expedition left the coast and followed the river inland. " * 12,
 ]
-CFG = dict(model="bundled:SmolLM2-135M-Instruct", max_tokens=128, truncation="head_tail", device="cpu")
+# batch_tokens 256: several HF batches and several vLLM request groups (the prefetching path) per call.
+CFG = dict(model="bundled:SmolLM2-135M-Instruct", max_tokens=128, truncation="head_tail", device="cpu",
+           batch_tokens=256)
 
 _VLLM_SCRIPT = textwrap.dedent("""
     import json, sys
