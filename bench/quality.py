@@ -12,7 +12,7 @@ strategies then look up the scores of the documents they would have sent to the 
 counts what each strategy would score in a real run.
 
     python -m bench.quality            # full run (long on a small CPU machine; see bench/README.md)
-    python -m bench.quality --quick    # a few minutes: one dataset subset, budgets 20/50, 2 seeds
+    python -m bench.quality --quick    # a few minutes: one dataset subset, budgets 20/50, 5 seeds
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str, roun
     apply_env_defaults(device)  # the same KV-cache and logging defaults as the stage
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=model_dir, dtype="float32" if device == "cpu" else "bfloat16",
+    kwargs = dict(model=model_dir, dtype=meta_dtype(cfg.dtype, device),
                   max_model_len=max(map(len, ids)) + 1, enable_prefix_caching=False, seed=SEED)
     if device == "cpu":
         kwargs["enforce_eager"] = True
@@ -176,6 +176,49 @@ def bench_ray(cfg, texts: list[str], tokens: int, cpus: int) -> list[Row]:
     ]
 
 
+def meta_dtype(dtype: str, device: str) -> str:
+    from ops.score import resolve_dtype
+
+    return str(resolve_dtype(dtype, device)).removeprefix("torch.")
+
+
+def reference_scores(model_dir: str, texts: list[str], window: int, truncation: str, device: str) -> dict:
+    """Per-document scores computed the textbook way, sharing no code with the stage: a float32 HF model's
+    full ``logits``, then float64 ``Categorical(logits).entropy()`` and ``cross_entropy``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ops.score import load_tokenizer
+    from ops.score_inputs import encode
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    enc = encode(load_tokenizer(model_dir), texts, window=window, truncation=truncation)
+    cols: dict[str, list[float]] = {"uncertainty": [], "max_entropy": [], "nll": []}
+    with torch.inference_mode():
+        for ids in enc.ids:
+            if len(ids) < 2:
+                for c in cols:
+                    cols[c].append(float("nan"))
+                continue
+            logits = model(torch.tensor([ids], device=device)).logits[0, :-1].double()
+            ent = torch.distributions.Categorical(logits=logits).entropy()
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=device), reduction="none")
+            cols["uncertainty"].append(ent.mean().item())
+            cols["max_entropy"].append(ent.max().item())
+            cols["nll"].append(nll.mean().item())
+    del model
+    gc.collect()
+    return {c: np.array(v) for c, v in cols.items()}
+
+
+def max_abs_diff(a: dict, b: dict) -> dict:
+    out = {}
+    for c in ("uncertainty", "max_entropy", "nll"):
+        d = np.abs(np.asarray(a[c], np.float64) - np.asarray(b[c], np.float64))
+        out[c], out[c + "_mean"] = float(np.nanmax(d)), float(np.nanmean(d))
+    return out
+
+
 # -- report ---------------------------------------------------------------------------------------------
 def _fmt(x: float, digits: int = 1) -> str:
     return "-" if x != x else f"{x:,.{digits}f}"
@@ -200,11 +243,11 @@ def render(rows: list[Row], agreement: dict, meta: dict) -> str:
         table,
         "",
     ]
-    if agreement:
+    for name, diff in agreement.items():
         lines += [
-            "Exact entropy, vLLM vs transformers backend on these documents: max |delta| mean entropy "
-            f"{agreement['uncertainty']:.2e} nats, max entropy {agreement['max_entropy']:.2e}, "
-            f"NLL {agreement['nll']:.2e}; n_tokens identical: {agreement['n_tokens_equal']}.",
+            f"Exact entropy, {name}: |delta| per document, max (mean) over the documents: mean entropy "
+            f"{diff['uncertainty']:.2e} ({diff['uncertainty_mean']:.1e}) nats, max entropy {diff['max_entropy']:.2e} "
+            f"({diff['max_entropy_mean']:.1e}), NLL {diff['nll']:.2e} ({diff['nll_mean']:.1e}).",
             "",
         ]
     return "\n".join(lines)
@@ -218,6 +261,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="timed passes per method, best kept (default 2 quick, 3 full)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray-wrapped row")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM rows (transformers only)")
+    p.add_argument("--dtype", default="auto", help="score.dtype: auto (bfloat16 on GPU, float32 on CPU), float32, ...")
+    p.add_argument("--model", help="score.model (default: the bundled SmolLM2); a .gguf path or a checkpoint dir")
     p.add_argument("--out", type=Path, default=OUT / "score.md")
     return p.parse_args(argv)
 
@@ -241,7 +286,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # Every in-process method uses the same CPU threads.
     torch.set_num_threads(cpus)
-    base = ScoreConfig(max_tokens=max_tokens, device=device, num_cpus=cpus)
+    base = ScoreConfig(max_tokens=max_tokens, device=device, num_cpus=cpus, dtype=args.dtype,
+                       **({"model": args.model} if args.model else {}))
     model_dir = prepare_model(base.model, base.cache_dir)
     texts, source = load_texts(n_docs)
     tokenizer = load_tokenizer(model_dir)
@@ -253,18 +299,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rows: list[Row] = []
     log("bare transformers forward loop")
-    rows.append(bench_bare_hf(model_dir, ids, device, resolve_dtype("auto", device), rounds))
+    rows.append(bench_bare_hf(model_dir, ids, device, resolve_dtype(base.dtype, device), rounds))
     log("Scorer, transformers backend")
     row, hf_out = bench_scorer(base.model_copy(update={"backend": "transformers"}), texts, tokens, rounds)
     rows.append(row)
-    agreement: dict = {}
+    log("independent reference (float32 logits, float64 Categorical entropy)")
+    ref = reference_scores(model_dir, texts, model_window(model_dir, max_tokens), base.truncation, device)
+    agreement = {f"Scorer transformers ({meta_dtype(base.dtype, device)} on {device}) vs reference": max_abs_diff(hf_out, ref)}
     if use_vllm:
         log("Scorer, vLLM backend")
         row, vllm_out = bench_scorer(base.model_copy(update={"backend": "vllm"}), texts, tokens, rounds)
         rows.append(row)
-        agreement = {c: float(np.nanmax(np.abs(vllm_out[c].astype(np.float64) - hf_out[c])))
-                     for c in ("uncertainty", "max_entropy", "nll")}
-        agreement["n_tokens_equal"] = bool((vllm_out["n_tokens"] == hf_out["n_tokens"]).all())
+        agreement[f"Scorer vLLM ({meta_dtype(base.dtype, device)} on {device}) vs reference"] = max_abs_diff(vllm_out, ref)
+        agreement["Scorer vLLM vs Scorer transformers"] = max_abs_diff(vllm_out, hf_out)
+        if not (vllm_out["n_tokens"] == hf_out["n_tokens"]).all():
+            raise SystemExit("vLLM and transformers backends saw different token counts")
         log("bare vLLM generate with prompt_logprobs")
         rows.append(bench_bare_vllm(model_dir, ids, base, device, rounds))
     else:
@@ -275,7 +324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += bench_ray(base.model_copy(update={"backend": ray_backend}), texts, tokens, cpus)
 
     meta = dict(quick=args.quick, machine=machine_description(), model=base.model, device=device,
-                dtype=str(resolve_dtype("auto", device)).removeprefix("torch."), max_tokens=max_tokens,
+                dtype=meta_dtype(base.dtype, device), max_tokens=max_tokens,
                 docs=len(texts), source=source, tokens=tokens, rounds=rounds, load_before=load_before,
                 load_after=os.getloadavg()[0])
     text = render(rows, agreement, meta)
