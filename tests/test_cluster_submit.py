@@ -197,7 +197,7 @@ def test_submit_rejects_a_bad_config_before_contacting_a_cluster():
 @pytest.fixture(scope="module")
 def cluster():
     if not (BIN / "ray").exists() or not (BIN / "labelnext").exists():
-        pytest.skip("needs the project's venv (ray and labelnext on its bin/)")
+        pytest.fail(f"ray and labelnext must be on {BIN}: run the tests with the project's venv (make test)")
     # Short root: Ray's unix socket paths under the temp dir must stay below ~107 characters.
     root = Path(tempfile.mkdtemp(prefix="lnx-ray-", dir="/tmp"))
     token_path = root / "auth_token"
