@@ -18,6 +18,7 @@ counts what each strategy would score in a real run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -151,13 +152,13 @@ def _stratified_cap(rows: np.ndarray, labels: np.ndarray, cap: Optional[int]) ->
 # -- cached embeddings and LLM scores ---------------------------------------------------------------------
 def embeddings(ds: Dataset, cfg) -> np.ndarray:
     """Embeddings of every row of the file (real ``Embedder``), cached by file hash + model."""
-    from ops.embed import Embedder
+    from labelnext.ops.embed import Embedder
 
     path = CACHE / f"emb-{slug(ds.name)}-{cache_key(ds.sha256, cfg.model, cfg.max_seq_length)}.npy"
     if path.is_file():
         return np.load(path)
     log(f"{ds.name}: embedding {len(ds.texts)} docs with {cfg.model}")
-    emb = Embedder(cfg).encode([str(t) for t in ds.texts])
+    emb = Embedder(cfg, device="cuda" if _has_cuda() else "cpu").encode([str(t) for t in ds.texts])
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, emb)
     return emb
@@ -193,10 +194,10 @@ def llm_scores(ds: Dataset, rows: np.ndarray, cfg) -> pa.Table:
 
 
 def _score_missing(ds: Dataset, todo: list[int], cfg, scores: dict[str, dict], path: Path) -> None:
-    from ops.score import Scorer
+    from labelnext.ops.score import Scorer
 
     log(f"{ds.name}: scoring {len(todo)} docs with {cfg.model} ({cfg.backend}); cache {path.name}")
-    scorer = Scorer(cfg)
+    scorer = Scorer(cfg, device="auto", num_cpus=os.cpu_count() or 1)
     todo.sort(key=lambda r: len(str(ds.texts[r])))  # similar lengths batch with less padding
     start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
     for i in range(0, len(todo), SCORE_CHUNK):
@@ -235,8 +236,8 @@ def _embedding_column(emb: np.ndarray) -> pa.Array:
 
 def assign(pool: Pool, budget: int, cfg, seed: int) -> tuple[pa.Table, np.ndarray]:
     """k-means on a sample (seeded), every pool doc assigned; returns (assignment table, cluster sizes)."""
-    from ops.candidates import cluster_sizes
-    from ops.cluster import CLUSTER_ID, Assigner, choose_k, rand_keys, train_kmeans, train_sample_size
+    from labelnext.ops.candidates import cluster_sizes
+    from labelnext.ops.cluster import CLUSTER_ID, Assigner, choose_k, rand_keys, train_kmeans, train_sample_size
 
     n = len(pool.ids)
     cluster_cfg = cfg.cluster.model_copy(update={"seed": seed})
@@ -266,7 +267,7 @@ def with_features(table: pa.Table, pool: Pool, scored: bool) -> pa.Table:
 
 
 def candidates(assigned: pa.Table, sizes: np.ndarray, budget: int, cfg) -> pa.Table:
-    from ops.candidates import block_candidates, merge_candidates, plan_candidates
+    from labelnext.ops.candidates import block_candidates, merge_candidates, plan_candidates
 
     plan = plan_candidates(sizes, budget, cfg.candidates)
     blocks = [block_candidates(assigned.slice(i, BLOCK_ROWS), plan) for i in range(0, assigned.num_rows, BLOCK_ROWS)]
@@ -293,7 +294,7 @@ class Runner:
         self._assignments: dict[tuple, tuple[pa.Table, np.ndarray]] = {}
 
     def _config(self, overrides: tuple[str, ...]):
-        from pipelines.config import load_config
+        from labelnext.pipelines.config import load_config
 
         return load_config(overrides=list(overrides))
 
@@ -304,7 +305,7 @@ class Runner:
         return self._assignments[key]
 
     def pick(self, strategy: Strategy) -> Picked:
-        from ops.select import Selector
+        from labelnext.ops.select import Selector
 
         n = len(self.pool.ids)
         if strategy.kind == "random":
@@ -501,11 +502,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"bench.quality: no labelled data in {SHARED_DATA_DISPLAY} (relative to the repo root); skipping.")
         return 0
     setup_env()
-    from pipelines.config import load_config
+    from labelnext.pipelines.config import load_config
 
     base = load_config()
     cfg = base.model_copy(update={
-        "embed": base.embed.model_copy(update={"device": "cpu" if not _has_cuda() else base.embed.device}),
         "score": base.score.model_copy(update={"backend": "transformers"}),
     })
     budgets = tuple(args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS))

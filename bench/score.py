@@ -71,7 +71,7 @@ def load_texts(n: int) -> tuple[list[str], str]:
 
     files = sorted(SHARED_DATA.glob("*.parquet")) if SHARED_DATA.is_dir() else []
     if not files:
-        from pipelines.sample_corpus import make_documents
+        from labelnext.pipelines.sample_corpus import make_documents
 
         log(f"no Parquet files in {SHARED_DATA_DISPLAY}: using {n} generated demo documents instead")
         texts = [t for t in make_documents(n + 50, seed=SEED).column("text").to_pylist() if t and t.strip()]
@@ -87,11 +87,11 @@ def load_texts(n: int) -> tuple[list[str], str]:
 
 
 # -- methods --------------------------------------------------------------------------------------------
-def bench_scorer(cfg, texts: list[str], tokens: int, rounds: int) -> tuple[Row, dict]:
-    from ops.score import Scorer
+def bench_scorer(cfg, texts: list[str], tokens: int, rounds: int, device: str, cpus: int) -> tuple[Row, dict]:
+    from labelnext.ops.score import Scorer
 
     with stopwatch() as t_init:
-        scorer = Scorer(cfg)
+        scorer = Scorer(cfg, device, num_cpus=cpus)
         scorer({"doc_id": np.arange(2), "text": np.array(texts[:2], dtype=object)})  # warm-up
     batch = {"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
     out: dict = {}
@@ -123,7 +123,7 @@ def bench_bare_hf(model_dir: str, ids: list[list[int]], device: str, dtype, roun
 
 
 def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str, rounds: int) -> Row:
-    from ops.score_vllm import apply_env_defaults
+    from labelnext.ops.score_vllm import apply_env_defaults
 
     apply_env_defaults(device)  # the same KV-cache and logging defaults as the stage
     from vllm import LLM, SamplingParams
@@ -133,7 +133,7 @@ def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str, roun
     if device == "cpu":
         kwargs["enforce_eager"] = True
     else:
-        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization)
     params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
     with stopwatch() as t_init:
         llm = LLM(**kwargs)
@@ -147,14 +147,14 @@ def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str, roun
                sum(map(len, ids)))
 
 
-def bench_ray(cfg, texts: list[str], tokens: int, cpus: int) -> list[Row]:
+def bench_ray(cfg, texts: list[str], tokens: int, cpus: int, device: str) -> list[Row]:
     """Two passes through ``score_dataset``: the documents once, then three times over (new ids). The first
     pass is what a small run pays (actor start-up and model load included); the difference between them is
     the stage's marginal throughput, the figure a large run sees."""
     import ray
 
-    from ops.quiet import worker_env
-    from ops.score import score_dataset
+    from labelnext.ops.quiet import worker_env
+    from labelnext.ops.score import score_dataset
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     seconds = {}
@@ -163,7 +163,8 @@ def bench_ray(cfg, texts: list[str], tokens: int, cpus: int) -> list[Row]:
             rows = [{"doc_id": f"{c}-{i}", "text": t} for c in range(copies) for i, t in enumerate(texts)]
             ds = ray.data.from_items(rows)
             with stopwatch() as t:
-                out = score_dataset(ds, cfg, use_gpu=cfg.device == "cuda", concurrency=1).to_pandas()
+                out = score_dataset(ds, cfg, use_gpu=device == "cuda", concurrency=1, num_gpus=1.0 if device == "cuda" else 0.0,
+                                    num_cpus=1.0).to_pandas()
             assert len(out) == len(rows)
             seconds[copies] = t[0]
     finally:
@@ -177,7 +178,7 @@ def bench_ray(cfg, texts: list[str], tokens: int, cpus: int) -> list[Row]:
 
 
 def meta_dtype(dtype: str, device: str) -> str:
-    from ops.score import resolve_dtype
+    from labelnext.ops.score import resolve_dtype
 
     return str(resolve_dtype(dtype, device)).removeprefix("torch.")
 
@@ -188,8 +189,8 @@ def reference_scores(model_dir: str, texts: list[str], window: int, truncation: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ops.score import load_tokenizer
-    from ops.score_inputs import encode
+    from labelnext.ops.score import load_tokenizer
+    from labelnext.ops.score_inputs import encode
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     enc = encode(load_tokenizer(model_dir), texts, window=window, truncation=truncation)
@@ -272,11 +273,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_env()
     import torch
 
-    from ops.model_prep import prepare_model
-    from ops.score import load_tokenizer, model_window, resolve_device, resolve_dtype
-    from ops.score_inputs import encode
-    from ops.score_vllm import vllm_available
-    from pipelines.config import ScoreConfig
+    from labelnext.ops.model_prep import prepare_model
+    from labelnext.ops.score import load_tokenizer, model_window, resolve_device, resolve_dtype
+    from labelnext.ops.score_inputs import encode
+    from labelnext.ops.score_vllm import vllm_available
+    from labelnext.pipelines.config import ScoreConfig
 
     load_before = os.getloadavg()[0]
     n_docs = args.docs or (48 if args.quick else 240)
@@ -286,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # Every in-process method uses the same CPU threads.
     torch.set_num_threads(cpus)
-    base = ScoreConfig(max_tokens=max_tokens, device=device, num_cpus=cpus, dtype=args.dtype,
+    base = ScoreConfig(max_tokens=max_tokens, dtype=args.dtype,
                        **({"model": args.model} if args.model else {}))
     model_dir = prepare_model(base.model, base.cache_dir)
     texts, source = load_texts(n_docs)
@@ -301,14 +302,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     log("bare transformers forward loop")
     rows.append(bench_bare_hf(model_dir, ids, device, resolve_dtype(base.dtype, device), rounds))
     log("Scorer, transformers backend")
-    row, hf_out = bench_scorer(base.model_copy(update={"backend": "transformers"}), texts, tokens, rounds)
+    row, hf_out = bench_scorer(base.model_copy(update={"backend": "transformers"}), texts, tokens, rounds, device, cpus)
     rows.append(row)
     log("independent reference (float32 logits, float64 Categorical entropy)")
     ref = reference_scores(model_dir, texts, model_window(model_dir, max_tokens), base.truncation, device)
     agreement = {f"Scorer transformers ({meta_dtype(base.dtype, device)} on {device}) vs reference": max_abs_diff(hf_out, ref)}
     if use_vllm:
         log("Scorer, vLLM backend")
-        row, vllm_out = bench_scorer(base.model_copy(update={"backend": "vllm"}), texts, tokens, rounds)
+        row, vllm_out = bench_scorer(base.model_copy(update={"backend": "vllm"}), texts, tokens, rounds, device, cpus)
         rows.append(row)
         agreement[f"Scorer vLLM ({meta_dtype(base.dtype, device)} on {device}) vs reference"] = max_abs_diff(vllm_out, ref)
         agreement["Scorer vLLM vs Scorer transformers"] = max_abs_diff(vllm_out, hf_out)
@@ -321,7 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_ray:
         ray_backend = "vllm" if use_vllm else "transformers"
         log(f"score_dataset on local Ray ({ray_backend})")
-        rows += bench_ray(base.model_copy(update={"backend": ray_backend}), texts, tokens, cpus)
+        rows += bench_ray(base.model_copy(update={"backend": ray_backend}), texts, tokens, cpus, device)
 
     meta = dict(quick=args.quick, machine=machine_description(), model=base.model, device=device,
                 dtype=meta_dtype(base.dtype, device), max_tokens=max_tokens,

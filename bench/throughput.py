@@ -72,7 +72,7 @@ def bench_texts(n: int, seed: int = 0) -> tuple[list[str], str]:
         rng = np.random.default_rng(seed)
         picked = rng.choice(len(texts), min(n, len(texts)), replace=False)
         return [texts[i] for i in picked], f"{len(picked)} docs sampled from ../shared/data/"
-    from pipelines.sample_corpus import make_documents
+    from labelnext.pipelines.sample_corpus import make_documents
 
     texts = [t for t in make_documents(n, seed=seed).column("text").to_pylist() if t and t.strip()]
     return texts[:n], f"{min(n, len(texts))} generated demo docs"
@@ -88,10 +88,10 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def _bare_model(cfg, dtype=None):
     from sentence_transformers import SentenceTransformer
 
-    from ops.embed import resolve_device, resolve_encoder_path
+    from labelnext.ops.embed import resolve_device, resolve_encoder_path
 
     kwargs = {"model_kwargs": {"torch_dtype": dtype}} if dtype is not None else {}
-    model = SentenceTransformer(resolve_encoder_path(cfg.model), device=resolve_device(cfg.device), **kwargs)
+    model = SentenceTransformer(resolve_encoder_path(cfg.model), device=resolve_device("auto"), **kwargs)
     model.max_seq_length = min(cfg.max_seq_length, model.max_seq_length or cfg.max_seq_length)
     return model
 
@@ -116,12 +116,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[st
 def bench_embed(texts: list[str], cfg, rounds: int) -> tuple[list[Row], np.ndarray]:
     import torch
 
-    from ops.embed import CPU_BATCH_TOKENS, Embedder
+    from labelnext.ops.embed import CPU_BATCH_TOKENS, Embedder
 
     n = len(texts)
     bare = _bare_model(cfg)
     bf16 = _bare_model(cfg, torch.bfloat16)
-    embedder = Embedder(cfg)
+    embedder = Embedder(cfg, device=resolve_device("auto"))
     for warm in (lambda: _bare_encode(bare, texts[:8]), lambda: _bare_encode(bf16, texts[:8]),
                  lambda: embedder.encode(texts[:8])):
         warm()
@@ -148,17 +148,17 @@ def bench_embed(texts: list[str], cfg, rounds: int) -> tuple[list[Row], np.ndarr
 
 
 def _bench_ray_embed(texts: list[str], cfg, t_bare: float) -> Optional[Row]:
-    """The Ray Data stage as the pipeline wires it (actor pool from ops.placement), model load included."""
+    """The Ray Data stage as the pipeline wires it (actor pool from labelnext.pipelines.placement), model load included."""
     try:
         import ray
 
-        from ops.embed import Embedder
-        from ops.placement import plan_placement
-        from ops.quiet import worker_env
+        from labelnext.ops.embed import Embedder
+        from labelnext.pipelines.placement import plan_placement
+        from labelnext.ops.quiet import worker_env
     except ImportError as exc:
         log(f"ray embed stage skipped: {exc}")
         return None
-    from pipelines.config import load_config
+    from labelnext.pipelines.config import load_config
 
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False, runtime_env={"env_vars": worker_env()},
              include_dashboard=False)
@@ -166,12 +166,12 @@ def _bench_ray_embed(texts: list[str], cfg, t_bare: float) -> Optional[Row]:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         run_cfg = load_config()
-        p = plan_placement(ray.cluster_resources(), cfg, run_cfg.score, nodes=ray.nodes()).embed
+        p = plan_placement(ray.cluster_resources(), run_cfg.resources, nodes=ray.nodes()).embed
         items = [{"doc_id": str(i), "text": t} for i, t in enumerate(texts)]
         ds = ray.data.from_items(items).materialize()
 
         def run() -> int:
-            out = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size * 4,
+            out = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg, "device": "cpu"}, batch_size=cfg.batch_size * 4,
                                  concurrency=p.concurrency, num_cpus=p.num_cpus, batch_format="numpy")
             return out.materialize().count()
 
@@ -184,7 +184,7 @@ def _bench_ray_embed(texts: list[str], cfg, t_bare: float) -> Optional[Row]:
     per_cpu = (count / t / (p.concurrency * p.num_cpus)) / (len(texts) / t_bare / threads)
     return Row("embed: Ray Data stage docs/s", f"{len(texts) / t_bare:.1f} (bare, {threads} threads)",
                f"{count / t:.1f}", f"{t_bare / t:.2f}x",
-               f"{p.concurrency} actor(s) x {p.num_cpus:g} CPU as placed (ops.placement keeps 1 CPU for Ray Data); "
+               f"{p.concurrency} actor(s) x {p.num_cpus:g} CPU as placed (pipelines.placement keeps 1 CPU for Ray Data); "
                f"per reserved CPU {per_cpu:.2f}x; includes actor start + model load")
 
 
@@ -216,7 +216,7 @@ def objectives(x: np.ndarray, centroids: np.ndarray) -> tuple[float, float]:
 def bench_kmeans(emb: np.ndarray, k: int, cluster_cfg, rounds: int) -> list[Row]:
     from sklearn.cluster import MiniBatchKMeans
 
-    from ops.cluster import train_kmeans
+    from labelnext.ops.cluster import train_kmeans
 
     n = cluster_cfg.train_sample * k
     x = kmeans_data(emb, n)
@@ -262,7 +262,7 @@ def peak_rss_of(proc: subprocess.Popen) -> float:
 
 
 def run_e2e(n_docs: int, budget: int, overrides: list[str], work: Path) -> E2E:
-    from pipelines.sample_corpus import write_sample_corpus
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
 
     corpus = write_sample_corpus(work / f"corpus-{n_docs}.parquet", n_docs)
     output = work / f"runs-{n_docs}"
@@ -349,7 +349,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     setup_env()
-    from pipelines.config import load_config
+    from labelnext.pipelines.config import load_config
 
     sizes = QUICK if args.quick else FULL
     cfg = load_config()

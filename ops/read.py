@@ -16,7 +16,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from pipelines.config import InputConfig
+from pydantic import Field
+
+from labelnext.ops.columns import DOC_ID, ID_HASH, ORDER, REASON, TEXT, TEXT_TRUNCATED
+from labelnext.ops.contract import StageContract
+from labelnext.ops.settings import StageSettings
+
+
+class InputConfig(StageSettings):
+    """``input``: which corpus columns hold the id and the text, and what else to carry through."""
+
+    id_column: str = "id"
+    text_column: str = "text"
+    passthrough_columns: list[str] = Field(default_factory=list)
+    exclude_ids: Optional[str] = None
+    exclude_id_column: str = "doc_id"
+    # Characters kept per document before tokenisation; bounds memory for pathological documents.
+    max_chars: int = Field(default=20_000, gt=0)
 
 REJECT_NULL = "null_text"
 REJECT_EMPTY = "empty_text"
@@ -27,9 +43,7 @@ REJECT_DUPLICATE = "duplicate_id"
 REJECT_EXCLUDED = "excluded_id"
 
 # Columns produced by the reader (besides passthrough columns).
-ORDER = "_order"
-ID_HASH = "_id_hash"
-REASON = "reject_reason"
+CONTRACT = StageContract("read", needs=(), adds=(DOC_ID, TEXT, ORDER, ID_HASH, REASON, TEXT_TRUNCATED))
 
 
 class CorpusError(ValueError):

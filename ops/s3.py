@@ -13,12 +13,31 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from pipelines.config import StorageConfig
+from pydantic import Field, model_validator
+
+from labelnext.ops.settings import StageSettings
+
+
+class StorageConfig(StageSettings):
+    """``storage``: the object store's endpoint, encryption, retries and run-claim timeout."""
+
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: Optional[str] = None
+    retries: int = Field(default=5, ge=0)
+    lock_timeout_s: float = Field(default=300.0, gt=0, description="a run's claim is abandoned this long after its last heartbeat")
+
+    @model_validator(mode="after")
+    def _kms_needs_key(self) -> "StorageConfig":
+        if self.sse == "aws:kms" and not self.kms_key_id:
+            raise ValueError("storage.kms_key_id is required when storage.sse is aws:kms")
+        return self
 
 # Parts stay in memory up to this size, then spill to a temporary file before the upload.
 _SPOOL_BYTES = 64 * 1024 * 1024

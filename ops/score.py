@@ -5,8 +5,8 @@ next-token distribution over the full vocabulary, ``max_entropy``, ``nll`` (mean
 ``n_tokens`` (predicted positions = model input tokens - 1) and ``truncated``.
 
 :class:`Scorer` is plain Python (testable without Ray); :func:`score_dataset` wraps it in a Ray Data actor
-pool. Backends (``ops.score_hf``, ``ops.score_vllm``) only produce final hidden states; the float32 output
-head and the entropy maths (``ops.entropy``) are shared, so both backends score identically.
+pool. Backends (``labelnext.ops.score_hf``, ``labelnext.ops.score_vllm``) only produce final hidden states; the float32 output
+head and the entropy maths (``labelnext.ops.entropy``) are shared, so both backends score identically.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Optional, TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ops.entropy import EMPTY, hidden_entropy_nll, reduce_doc
-from ops.model_prep import prepare_model, resolve_device
-from ops.score_inputs import bos_prefix, encode, text_token_ids
-from pipelines.config import ScoreConfig
+from labelnext.ops.entropy import EMPTY, hidden_entropy_nll, reduce_doc
+from labelnext.ops.model_prep import prepare_model, resolve_device
+from labelnext.ops.score_inputs import bos_prefix, encode, text_token_ids
+from labelnext.ops.columns import DOC_ID, SCORE_COLUMNS, TEXT
+from labelnext.ops.contract import StageContract
+from labelnext.ops.score_settings import ScoreConfig
 
 if TYPE_CHECKING:
     import ray.data
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
+CONTRACT = StageContract("score", needs=(DOC_ID, TEXT), adds=SCORE_COLUMNS)
 BACKENDS = ("vllm", "transformers")
 # Bytes of float32 logits one output-head chunk may hold (one large matmul; the entropy statistics then run
 # over it in cache-sized row blocks, see ops.entropy).
@@ -47,7 +49,7 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
 def choose_backend(backend: str) -> str:
     if backend != "auto":
         return backend
-    from ops.score_vllm import vllm_available
+    from labelnext.ops.score_vllm import vllm_available
 
     return "vllm" if vllm_available() else "transformers"
 
@@ -77,10 +79,13 @@ def count_tokens(texts: list[str], cfg: ScoreConfig) -> list[int]:
 class Scorer:
     """Holds the scoring model; ``__call__`` adds :data:`SCORE_COLUMNS` to a batch with ``doc_id`` and ``text``."""
 
-    def __init__(self, cfg: ScoreConfig):
+    def __init__(self, cfg: ScoreConfig, device: str = "auto", *, num_cpus: float = 1.0,
+                 tensor_parallel_size: int = 1):
         self.cfg = cfg
+        self.num_cpus = num_cpus
+        self.tensor_parallel_size = tensor_parallel_size
         self.model_dir = prepare_model(cfg.model, cfg.cache_dir)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.window = model_window(self.model_dir, cfg.max_tokens)
@@ -92,21 +97,21 @@ class Scorer:
 
     def _build_engine(self):
         if self.backend == "transformers":
-            from ops.score_hf import HFBackend
+            from labelnext.ops.score_hf import HFBackend
 
             if self.device == "cpu":
                 import torch
 
-                # Use the CPUs the stage reserves (score.num_cpus), as a Ray actor would via OMP_NUM_THREADS;
-                # more threads than reserved cores only contend with the pipeline's other workers.
-                torch.set_num_threads(min(torch.get_num_threads(), max(1, int(self.cfg.num_cpus))))
+                # Use the CPUs the stage reserves (resources.score.num_cpus), as a Ray actor would via
+                # OMP_NUM_THREADS; more threads than reserved cores only contend with the pipeline's other workers.
+                torch.set_num_threads(min(torch.get_num_threads(), max(1, int(self.num_cpus))))
             return HFBackend(self.model_dir, device=self.device, dtype=self.dtype, batch_tokens=self.cfg.batch_tokens)
         if self.backend == "vllm":
-            from ops.score_vllm import VLLMBackend
+            from labelnext.ops.score_vllm import VLLMBackend
 
             return VLLMBackend(
                 self.model_dir, device=self.device, dtype=self.dtype, window=self.window,
-                batch_tokens=self.cfg.batch_tokens, tensor_parallel_size=self.cfg.tensor_parallel_size,
+                batch_tokens=self.cfg.batch_tokens, tensor_parallel_size=self.tensor_parallel_size,
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
             )
         raise ValueError(f"unknown score.backend {self.backend!r}; expected one of {BACKENDS}")
@@ -165,11 +170,11 @@ class Scorer:
 class _ScoreActor(Scorer):
     """Ray Data actor: quiet third-party logs in the worker, then load the model once."""
 
-    def __init__(self, cfg: ScoreConfig):
-        from ops.quiet import quiet_third_party
+    def __init__(self, cfg: ScoreConfig, device: str, num_cpus: float, tensor_parallel_size: int):
+        from labelnext.ops.quiet import quiet_third_party
 
         quiet_third_party()
-        super().__init__(cfg)
+        super().__init__(cfg, device, num_cpus=num_cpus, tensor_parallel_size=tensor_parallel_size)
 
 
 def docs_per_batch(cfg: ScoreConfig) -> int:
@@ -184,32 +189,27 @@ def score_dataset(
     *,
     use_gpu: bool,
     concurrency: int,
-    num_gpus: Optional[float] = None,
-    num_cpus: Optional[float] = None,
+    num_gpus: float = 0.0,
+    num_cpus: float = 1.0,
+    tensor_parallel_size: int = 1,
 ) -> "ray.data.Dataset":
     """Score every row of ``ds`` (columns ``doc_id``, ``text``, ...) with an actor pool of :class:`Scorer`.
 
-    ``num_gpus``/``num_cpus`` per actor come from the placement plan (already capped to the cluster); without
-    them they are derived from the config the same way. Output batches also carry ``_node_id``/``_busy_s``.
+    ``num_gpus`` (per actor, tensor parallelism included) and ``num_cpus`` come from the job layer's placement
+    plan. Output batches also carry ``_node_id``/``_busy_s``.
     """
     from ray.data import ActorPoolStrategy
 
-    from ops.instrument import instrumented
+    from labelnext.ops.instrument import instrumented
 
     device = "cuda" if use_gpu else "cpu"
-    if cfg.device not in ("auto", device):
-        log.warning("score.device=%s but placement runs the score stage on %s", cfg.device, device)
-    actor_cfg = cfg.model_copy(update={"device": device})
-    if num_gpus is None:
-        # Same per-actor GPUs as ops.placement: num_gpus x tensor_parallel_size, whole numbers above one.
-        num_gpus = (cfg.num_gpus or 1.0) * cfg.tensor_parallel_size if use_gpu else 0
-        num_gpus = float(math.ceil(num_gpus)) if num_gpus > 1 else num_gpus
     return ds.map_batches(
         instrumented(_ScoreActor),
-        fn_constructor_kwargs={"cfg": actor_cfg},
+        fn_constructor_kwargs={"cfg": cfg, "device": device, "num_cpus": num_cpus,
+                               "tensor_parallel_size": tensor_parallel_size},
         batch_size=docs_per_batch(cfg),
         compute=ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus if use_gpu else 0,
-        num_cpus=cfg.num_cpus if num_cpus is None else num_cpus,
+        num_cpus=num_cpus,
         batch_format="numpy",
     )

@@ -11,8 +11,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ops.score_head import OutputHead
-from ops.score_inputs import pack_by_tokens
+from labelnext.ops.score_head import OutputHead
+from labelnext.ops.score_inputs import pack_by_tokens
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,37 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ops.candidates import proportional_quotas
-from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from pipelines.config import SelectConfig
+from labelnext.ops.candidates import proportional_quotas
+from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY, SCORE_COLUMNS, SELECTED_COLUMNS
+from labelnext.ops.contract import StageContract
+from typing import Literal, Optional
 
-SELECTED_COLUMNS = (
-    "doc_id", "rank", "cluster_id", "cluster_size", "uncertainty", "nll", "n_tokens",
-    "distance_to_centroid", "reason",
-)
+from pydantic import Field
+
+from labelnext.ops.settings import StageSettings
+
+
+class SelectConfig(StageSettings):
+    """``select``: the selection rule and its knobs."""
+
+    rule: Literal[
+        "typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"
+    ] = Field(default="typical_uncertain", description="chosen by bench/quality.py (bench/README.md)")
+    score: Literal["mean_entropy", "nll", "max_entropy"] = "mean_entropy"
+    typicality_weight: float = Field(default=1.0, ge=0, description="typical_uncertain: weight of the distance-"
+                                     "to-centroid percentile against the uncertainty percentile")
+    entropy_cap_quantile: Optional[float] = Field(default=None, gt=0, le=1)
+    dedup_threshold: float = Field(default=0.95, gt=0, le=1, description="cosine similarity above which docs are near-duplicates")
+    seed: int = 0
+
+
+
+def contract(cfg: SelectConfig) -> StageContract:
+    """``cluster_only`` needs no LLM scores; every other rule ranks by them."""
+    scores = () if cfg.rule == "cluster_only" else SCORE_COLUMNS
+    return StageContract("select", needs=(DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY, EMBEDDING, *scores),
+                         adds=SELECTED_COLUMNS)
+
 _SCORE_FIELD = {"mean_entropy": "uncertainty", "nll": "nll", "max_entropy": "max_entropy"}
 
 

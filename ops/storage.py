@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from ops.objects import LocalObjects, ObjectStore, S3Objects, StorageError
-from ops.s3 import S3Settings
-from pipelines.config import StorageConfig
+from labelnext.ops.objects import LocalObjects, ObjectStore, S3Objects, StorageError
+from labelnext.ops.s3 import S3Settings, StorageConfig
+
 
 MANIFEST = "manifest.json"  # written last; the only file readers trust
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,7 +65,7 @@ def _local_path(uri: str) -> str:
 def filesystem_for(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it for a local path or an s3:// URI.
 
-    With ``storage.sse`` set, the S3 filesystem encrypts every write (see ``ops.s3``); pass this same
+    With ``storage.sse`` set, the S3 filesystem encrypts every write (see ``labelnext.ops.s3``); pass this same
     filesystem to Ray Data writes so that workers encrypt too.
     """
     if is_s3(uri):

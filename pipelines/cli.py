@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipelines.config import ConfigError, load_config
+from labelnext.pipelines.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Pick the next documents to annotate.")
 err = Console(stderr=True)
@@ -21,7 +21,8 @@ out = Console()
 CorpusOpt = typer.Option(..., "--corpus", help="Parquet file, folder or s3:// prefix")
 OutputOpt = typer.Option(..., "--output", help="output folder or s3:// prefix")
 BudgetOpt = typer.Option(..., "--budget", help="number of documents to select")
-ConfigOpt = typer.Option(None, "--config", help="run config YAML (default configs/local.yaml)")
+ConfigOpt = typer.Option(None, "--config", help="run config: a packaged name (local, cluster-h100, nightly) or a "
+                         "YAML file (default: local)")
 RunIdOpt = typer.Option(None, "--run-id", help="run id (default: a new id)")
 RunDateOpt = typer.Option(None, "--run-date", help="YYYY-MM-DD (default: today)")
 SetOpt = typer.Option(None, "--set", help="override a config key: --set cluster.k=64 (repeatable)")
@@ -89,17 +90,17 @@ def run(
     corpus: str = CorpusOpt,
     output: str = OutputOpt,
     budget: int = BudgetOpt,
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[str] = ConfigOpt,
     run_id: Optional[str] = RunIdOpt,
     run_date: Optional[str] = RunDateOpt,
     set_: Optional[List[str]] = SetOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the selection pipeline and commit its outputs."""
-    from ops.placement import PlacementError
-    from ops.read import CorpusError
-    from ops.storage import StorageError, validate_run_date, validate_run_id
-    from pipelines.selection import PipelineError, RunRequest, run_pipeline
+    from labelnext.pipelines.placement import PlacementError
+    from labelnext.ops.read import CorpusError
+    from labelnext.ops.storage import StorageError, validate_run_date, validate_run_id
+    from labelnext.pipelines.selection import PipelineError, RunRequest, run_pipeline
 
     _setup_logging(verbose)
     _hide_ray_data_tracebacks(verbose)
@@ -123,7 +124,7 @@ def run(
             raise
         # OSError covers storage failures (pyarrow/boto3 name the bucket and key) and missing local files.
         fail(one_line(cause), code=1)
-    from pipelines.report import print_report
+    from labelnext.pipelines.report import print_report
 
     out.print(f"\n[bold green]committed[/bold green] {result.run_uri}", soft_wrap=True)
     out.print(f"  selected: {result.manifest['counts']['selected']} documents in {result.run_uri}/selected/",
@@ -134,7 +135,7 @@ def run(
 @app.command()
 def report(run_uri: str = typer.Argument(..., help="a committed run's folder or s3:// prefix")) -> None:
     """Print a committed run's cost headline and per-stage table."""
-    from pipelines.report import load_run_report, print_report
+    from labelnext.pipelines.report import load_run_report, print_report
 
     try:
         cost = load_run_report(run_uri)
@@ -150,7 +151,7 @@ def sample_corpus(
     seed: int = typer.Option(7, "--seed"),
 ) -> None:
     """Write the demo corpus (generated locally, no network)."""
-    from pipelines.sample_corpus import write_sample_corpus
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
 
     path = write_sample_corpus(out_path, docs, seed)
     out.print(f"wrote {path}")
@@ -158,7 +159,7 @@ def sample_corpus(
 
 def _register_jobs() -> None:
     try:
-        from pipelines import jobs_cli
+        from labelnext.pipelines import jobs_cli
     except ImportError:
         return
     jobs_cli.register(app)

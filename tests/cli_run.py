@@ -23,7 +23,7 @@ def cli_env(extra: Optional[dict] = None) -> dict:
 
 
 def cli_args(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *args]
+    return [sys.executable, "-m", "labelnext.pipelines.cli", *args]
 
 
 def labelnext(*args: str, env: Optional[dict] = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ def write_corpus(path: Path, ids, texts, **extra) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_corpus(tmp_path_factory) -> Path:
-    from pipelines.sample_corpus import write_sample_corpus
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
 
     return write_sample_corpus(tmp_path_factory.mktemp("corpus") / "sample.parquet", n_docs=300, seed=3)
 
@@ -36,8 +36,8 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, quiet)."""
     import ray
 
-    from pipelines.config import RunConfig
-    from pipelines.selection import init_ray
+    from labelnext.pipelines.config import RunConfig
+    from labelnext.pipelines.selection import init_ray
 
     if "RAY_ADDRESS" in os.environ:
         del os.environ["RAY_ADDRESS"]

@@ -1,9 +1,9 @@
 import numpy as np
 import pyarrow as pa
 
-from ops import candidates as cand
-from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from pipelines.config import CandidatesConfig
+from labelnext.ops import candidates as cand
+from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
+from labelnext.pipelines.config import CandidatesConfig
 
 
 def test_quotas_are_proportional_capped_and_exact():

@@ -117,7 +117,7 @@ def _wait(what: str, check, procs: list[subprocess.Popen], logs: list[Path], tim
 # -- unit: no cluster -----------------------------------------------------------------------------------------
 
 def test_token_precedence_matches_ray(tmp_path, monkeypatch):
-    from pipelines.jobs import JobsError, resolve_auth_token
+    from labelnext.pipelines.jobs import JobsError, resolve_auth_token
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_auth_token({}) is None
@@ -132,7 +132,7 @@ def test_token_precedence_matches_ray(tmp_path, monkeypatch):
 
 
 def test_address_resolution(monkeypatch):
-    from pipelines.jobs import JobsError, resolve_address
+    from labelnext.pipelines.jobs import JobsError, resolve_address
 
     assert resolve_address("http://h:8265", {}) == "http://h:8265"
     assert resolve_address(None, {"RAY_ADDRESS": "http://e:8265"}) == "http://e:8265"
@@ -145,7 +145,7 @@ def test_address_resolution(monkeypatch):
 
 
 def test_entrypoint_quotes_every_argument():
-    from pipelines.jobs import build_entrypoint
+    from labelnext.pipelines.jobs import build_entrypoint
 
     args = ["--corpus", "s3://b/my corpus/", "--set", "select.rule=round_robin", "--set", "x=$(rm -rf /)"]
     entry = build_entrypoint(args)
@@ -153,7 +153,7 @@ def test_entrypoint_quotes_every_argument():
 
 
 def test_runtime_env_ships_source_without_local_state(tmp_path):
-    from pipelines.jobs import build_runtime_env
+    from labelnext.pipelines.jobs import build_runtime_env
 
     env = build_runtime_env(tmp_path, {"excludes": ["data/"], "env_vars": {"A": "1"}, "pip": ["x"]})
     assert env["working_dir"] == str(tmp_path.resolve())
@@ -166,15 +166,15 @@ def test_runtime_env_ships_source_without_local_state(tmp_path):
 def test_exit_code_maps_only_success_to_zero():
     from ray.job_submission import JobStatus
 
-    from pipelines.jobs import exit_code
+    from labelnext.pipelines.jobs import exit_code
 
     assert exit_code(JobStatus.SUCCEEDED) == 0
     assert {exit_code(s) for s in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.PENDING)} == {1}
 
 
 def test_config_path_is_rewritten_relative_to_the_uploaded_folder(tmp_path):
-    from pipelines.jobs import JobsError
-    from pipelines.jobs_cli import _config_arg
+    from labelnext.pipelines.jobs import JobsError
+    from labelnext.pipelines.jobs_cli import _config_arg
 
     (tmp_path / "configs").mkdir()
     cfg = tmp_path / "configs" / "x.yaml"
@@ -260,7 +260,7 @@ def test_status_without_a_token_names_the_fix(cluster):
 @pytest.mark.slow
 def test_plumbing_job_sees_both_nodes_and_the_venv(cluster, monkeypatch):
     """Auth + PATH + cluster shape, with a trivial entrypoint (independent of the pipeline)."""
-    from pipelines import jobs
+    from labelnext.pipelines import jobs
 
     for name in jobs.ADDRESS_ENV_VARS:  # Ray's client would let these override the address
         monkeypatch.delenv(name, raising=False)
@@ -283,7 +283,7 @@ def test_plumbing_job_sees_both_nodes_and_the_venv(cluster, monkeypatch):
 def test_submit_wait_runs_the_pipeline_across_both_nodes(cluster, tmp_path):
     import pyarrow.parquet as pq
 
-    from pipelines.sample_corpus import write_sample_corpus
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
 
     table = pq.read_table(write_sample_corpus(tmp_path / "sample.parquet", 300, 7))
     corpus = tmp_path / "corpus"
@@ -298,9 +298,9 @@ def test_submit_wait_runs_the_pipeline_across_both_nodes(cluster, tmp_path):
         "--run-id", "cluster-test", "--run-date", "2026-01-02",
         # Two 2-CPU embed actors cannot share a 3-CPU node, and small batches give both of them work, so
         # both nodes must show up in the run's node list.
-        "--set", "embed.concurrency=2", "--set", "embed.num_cpus=2", "--set", "embed.device=cpu",
+        "--set", "resources.embed.concurrency=2", "--set", "resources.embed.num_cpus=2", "--set", "resources.embed.device=cpu",
         "--set", "embed.batch_size=4",
-        "--set", "score.device=cpu", "--set", "score.concurrency=1", "--set", "score.max_tokens=64",
+        "--set", "resources.score.device=cpu", "--set", "resources.score.concurrency=1", "--set", "score.max_tokens=64",
         "--set", "cost.token_sample=32",
     ]
     proc = _labelnext(args, cluster.client_env, timeout=JOB_TIMEOUT_S)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from labelnext.pipelines.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,15 +5,15 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401
 import pytest
 
-from ops.cluster import Assigner, choose_k, train_kmeans
-from ops.embed import Embedder
-from pipelines.config import ClusterConfig, EmbedConfig
-from pipelines.sample_corpus import make_documents
+from labelnext.ops.cluster import Assigner, choose_k, train_kmeans
+from labelnext.ops.embed import Embedder
+from labelnext.pipelines.config import ClusterConfig, EmbedConfig
+from labelnext.pipelines.sample_corpus import make_documents
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    return Embedder(EmbedConfig(device="cpu"))
+    return Embedder(EmbedConfig(), device="cpu")
 
 
 def test_real_encoder_gives_normalised_semantic_vectors(embedder):

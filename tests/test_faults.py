@@ -27,7 +27,7 @@ RUN = ("--budget", "8", "--run-date", "2026-11-25", *QUICK)
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
-    from pipelines.sample_corpus import write_sample_corpus
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
 
     return write_sample_corpus(tmp_path_factory.mktemp("faults") / "corpus.parquet", n_docs=120, seed=5)
 

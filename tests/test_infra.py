@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from pipelines.config import load_config
+from labelnext.pipelines.config import load_config, packaged_configs
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -77,8 +77,8 @@ def test_policy_is_json():
 @pytest.mark.parametrize("name", ["cluster-h100.yaml", "nightly.yaml"])
 def test_cluster_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
-    assert cfg.embed.device == "cuda" and 0 < cfg.embed.num_gpus < 1  # several encoders share each GPU
-    assert cfg.score.device == "cuda" and cfg.cluster.k and cfg.storage.sse == "aws:kms"
+    assert cfg.resources.embed.device == "cuda" and 0 < cfg.resources.embed.num_gpus < 1  # several encoders share each GPU
+    assert cfg.resources.score.device == "cuda" and cfg.cluster.k and cfg.storage.sse == "aws:kms"
 
 
 def test_nightly_config_makes_the_next_night_cheaper():
@@ -116,7 +116,7 @@ def cli_commands() -> dict[str, set[str]]:
     try:
         import typer.main
 
-        from pipelines.cli import app
+        from labelnext.pipelines.cli import app
     except ImportError:
         return {"run": set(), "submit": set()}
     group = typer.main.get_command(app)
@@ -136,9 +136,8 @@ def check_entrypoint(entrypoint: str, *, shell_date_ok: bool) -> dict[str, str]:
         assert required in options, required
     assert int(options["--budget"]) > 0
     assert options["--corpus"].startswith("s3://") and options["--output"].startswith("s3://")
-    config = REPO / options["--config"]
-    assert config.is_file(), f"{options['--config']} is not in the repository (the image's working_dir)"
-    load_config(config)
+    assert options["--config"] in packaged_configs(), f"{options['--config']} is not a packaged config name"
+    load_config(options["--config"])
     if "--run-date" in options:
         date = options["--run-date"]
         if not (shell_date_ok and date == "$(date -u +%F)"):
@@ -148,11 +147,11 @@ def check_entrypoint(entrypoint: str, *, shell_date_ok: bool) -> dict[str, str]:
 
 def test_entrypoints_are_labelnext_commands_with_valid_configs():
     run = check_entrypoint(rayjob_specs()["rayjob"]["entrypoint"], shell_date_ok=False)
-    assert run["--config"] == "configs/cluster-h100.yaml"
+    assert run["--config"] == "cluster-h100"
     nightly = check_entrypoint(rayjob_specs()["rayjob-nightly"]["entrypoint"], shell_date_ok=True)
     fallback = check_entrypoint(rayjob_specs()["nightly-cronjob"]["entrypoint"], shell_date_ok=False)
     for opts in (nightly, fallback):
-        assert opts["--config"] == "configs/nightly.yaml"
+        assert opts["--config"] == "nightly"
         assert opts["--run-id"] == "nightly"  # a retry replaces the night's run instead of adding one
     assert fallback["--run-date"] == SAMPLE_DATE
     assert {k: v for k, v in nightly.items() if k != "--run-date"} == \
@@ -192,7 +191,7 @@ def _k8s_cpus(value: str) -> float:
 
 
 def test_cluster_config_places_on_the_shipped_clusters():
-    from ops.placement import plan_placement
+    from labelnext.pipelines.placement import plan_placement
 
     cfg = load_config(REPO / "configs" / "cluster-h100.yaml")
     launcher = yaml.safe_load(CLUSTER_YAML.read_text())
@@ -210,7 +209,7 @@ def test_cluster_config_places_on_the_shipped_clusters():
         for n in shape:
             for k, v in n["Resources"].items():
                 totals[k] = totals.get(k, 0.0) + v
-        p = plan_placement(totals, cfg.embed, cfg.score, nodes=shape)
+        p = plan_placement(totals, cfg.resources, nodes=shape)
         assert p.embed.use_gpu and p.embed.concurrency == P5_GPUS * 4  # 0.25 GPU each
         assert p.score.use_gpu and p.score.concurrency == P5_GPUS
         assert not p.warnings

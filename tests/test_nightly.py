@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.commit import FAULT_EXIT_CODE
-from pipelines.sample_corpus import make_documents
+from labelnext.pipelines.commit import FAULT_EXIT_CODE
+from labelnext.pipelines.sample_corpus import make_documents
 from tests.cli_run import QUICK, REPO, cli_args, cli_env, error_line, labelnext
 from tests.s3_fixtures import FAKE_ENV, s3_endpoint  # noqa: F401 (fixture)
 
@@ -252,7 +252,7 @@ def test_downstream_readers_agree(night_two, s3, tmp_path):
 
 
 def test_local_crash_then_rerun_commits_one_consistent_run(tmp_path):
-    from pipelines.sample_corpus import write_sample_corpus
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
 
     corpus = write_sample_corpus(tmp_path / "corpus.parquet", n_docs=100, seed=2)
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ops.select import SELECTED_COLUMNS
+from labelnext.ops.select import SELECTED_COLUMNS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=full_env,
+        [sys.executable, "-m", "labelnext.pipelines.cli", *args], cwd=REPO, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -76,6 +76,19 @@ def test_selected_scores_and_rejects(committed_run):
     assignments = pq.read_table(run_dir / "assignments")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert assignments.num_rows == manifest["counts"]["accepted_docs"]
+
+
+def test_selection_matches_the_recorded_golden(committed_run):
+    """Same corpus, budget, seed and packaged default config: the same documents in the same order.
+
+    ``tests/golden/e2e_selection.json`` records the selection this run gave before a refactor; a change that
+    is meant to alter the selection (a new default rule, new tie-breaks) rewrites the file in the same commit,
+    with the reason in the commit message.
+    """
+    run_dir, _ = committed_run
+    golden = json.loads((REPO / "tests" / "golden" / "e2e_selection.json").read_text())
+    selected = pq.read_table(run_dir / "selected").sort_by("rank")
+    assert selected.column("doc_id").to_pylist() == golden["doc_ids_by_rank"]
 
 
 def test_cost_report(committed_run):

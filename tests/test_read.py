@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from ops import read as rd
-from pipelines.config import InputConfig
+from labelnext.ops import read as rd
+from labelnext.pipelines.config import InputConfig
 from tests.conftest import write_corpus
 
 LOCAL = pafs.LocalFileSystem()

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ops import model_prep
-from ops.score import SCORE_COLUMNS, Scorer, count_tokens, docs_per_batch, score_dataset
-from ops.score_inputs import encode, pack_by_tokens, split_by_tokens, truncate
-from pipelines.config import BUNDLED_ENCODER, BUNDLED_LLM, ScoreConfig
+from labelnext.ops import model_prep
+from labelnext.ops.score import SCORE_COLUMNS, Scorer, count_tokens, docs_per_batch, score_dataset
+from labelnext.ops.score_inputs import encode, pack_by_tokens, split_by_tokens, truncate
+from labelnext.pipelines.config import BUNDLED_ENCODER, BUNDLED_LLM, ScoreConfig
 
 FLUENT = ("The city council approved the new budget on Tuesday, setting aside more money for schools, "
           "road repairs and public parks over the next two years.")
@@ -30,7 +30,7 @@ DOCS = [
 
 @lru_cache(maxsize=None)
 def scorer(**overrides) -> Scorer:
-    return Scorer(ScoreConfig(backend="transformers", device="cpu", **overrides))
+    return Scorer(ScoreConfig(backend="transformers", **overrides), device="cpu")
 
 
 def _batch(texts, **extra) -> dict[str, np.ndarray]:
@@ -77,7 +77,7 @@ def test_docs_per_batch_scales_with_token_budget():
 def test_device_dtype_and_backend_resolution(monkeypatch):
     import torch
 
-    from ops import score, score_vllm
+    from labelnext.ops import score, score_vllm
 
     assert score.resolve_dtype("auto", "cpu") == torch.float32
     assert score.resolve_dtype("auto", "cuda") == torch.bfloat16

@@ -1,7 +1,7 @@
 """Both scoring backends (vLLM, transformers) against each other and against an independent reference.
 
 The reference is the textbook computation: the HF model's full ``model(ids).logits`` per document and
-``torch.distributions.Categorical(logits=...).entropy()``, with no code shared with ``ops.entropy`` or the
+``torch.distributions.Categorical(logits=...).entropy()``, with no code shared with ``labelnext.ops.entropy`` or the
 Scorer's output head. vLLM spawns engine processes, so it runs in a subprocess script (``__main__`` guard).
 
 Tolerance: 1e-3 nats on per-document mean/max entropy and mean NLL. Both backends compute in float32 on
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from ops.score import SCORE_COLUMNS, Scorer
-from ops.score_inputs import encode
-from pipelines.config import ScoreConfig
+from labelnext.ops.score import SCORE_COLUMNS, Scorer
+from labelnext.ops.score_inputs import encode
+from labelnext.pipelines.config import ScoreConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-3
@@ -43,21 +43,20 @@ DOCS = [
     "In the spring of that year the expedition left the coast and followed the river inland. " * 12,
 ]
 # batch_tokens 256: several HF batches and several vLLM request groups (the prefetching path) per call.
-CFG = dict(model="bundled:SmolLM2-135M-Instruct", max_tokens=128, truncation="head_tail", device="cpu",
-           batch_tokens=256)
+CFG = dict(model="bundled:SmolLM2-135M-Instruct", max_tokens=128, truncation="head_tail", batch_tokens=256)
 
 _VLLM_SCRIPT = textwrap.dedent("""
     import json, sys
 
     if __name__ == "__main__":
-        from ops.quiet import quiet_third_party
+        from labelnext.ops.quiet import quiet_third_party
         quiet_third_party()
         import numpy as np
-        from ops.score import SCORE_COLUMNS, Scorer
-        from pipelines.config import ScoreConfig
+        from labelnext.ops.score import SCORE_COLUMNS, Scorer
+        from labelnext.pipelines.config import ScoreConfig
 
         job = json.load(open(sys.argv[1]))
-        scorer = Scorer(ScoreConfig(**job["cfg"]))
+        scorer = Scorer(ScoreConfig(**job["cfg"]), device="cpu")
         texts = job["texts"]
         out = scorer({"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)})
         result = {c: out[c].tolist() for c in SCORE_COLUMNS}
@@ -118,7 +117,7 @@ def test_vllm_and_transformers_agree_with_reference(tmp_path):
     # The vLLM engine starts in its own process while the transformers side runs here.
     proc, result = _start_vllm(tmp_path)
     try:
-        hf_scorer = Scorer(ScoreConfig(**CFG, backend="transformers"))
+        hf_scorer = Scorer(ScoreConfig(**CFG, backend="transformers"), device="cpu")
         hf = hf_scorer({"doc_id": np.arange(len(DOCS)), "text": np.array(DOCS, dtype=object)})
         ref = _reference(hf_scorer)
     finally:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ops import storage
-from pipelines.config import StorageConfig
+from labelnext.ops import storage
+from labelnext.pipelines.config import StorageConfig
 from tests.cli_run import QUICK, labelnext
 from tests.s3_fixtures import s3_bucket, s3_endpoint, s3_env  # noqa: F401 (fixtures)
 
@@ -32,7 +32,7 @@ def _parquet_text(data: bytes) -> bytes:
 def test_credentials_appear_in_no_output_report_or_log(tmp_path, s3_bucket, s3_env):
     import boto3
 
-    from pipelines.sample_corpus import write_sample_corpus
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
 
     client = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     corpus = write_sample_corpus(tmp_path / "corpus.parquet", n_docs=80, seed=11)

@@ -2,9 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from ops.select import SELECTED_COLUMNS, Selector, percentile_within
-from pipelines.config import SelectConfig
+from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
+from labelnext.ops.select import SELECTED_COLUMNS, Selector, percentile_within
+from labelnext.pipelines.config import SelectConfig
 
 
 def _candidates(n=60, k=4, seed=0, dim=8):

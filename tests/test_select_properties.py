@@ -15,11 +15,11 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ops import candidates as cand
-from ops import read as rd
-from ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, rand_keys
-from ops.select import SELECTED_COLUMNS, Selector
-from pipelines.config import CandidatesConfig, InputConfig, SelectConfig
+from labelnext.ops import candidates as cand
+from labelnext.ops import read as rd
+from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, rand_keys
+from labelnext.ops.select import SELECTED_COLUMNS, Selector
+from labelnext.pipelines.config import CandidatesConfig, InputConfig, SelectConfig
 
 RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"]
 TEXTS = [None, "", "  \t", "plain text", "another document", "x", b"\xff\xfe not utf-8", "caf\u00e9"]

@@ -17,16 +17,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from ops import ledger, storage
-from ops.embed_cache import EmbeddingCache, model_key
-from ops.objects import LocalObjects, PreconditionFailed, S3Objects
-from ops.read import id_hash
-from ops.run_lock import ClaimLost, Holder, RunClaim, RunLocked
-from ops.s3 import S3Settings
-from pipelines.commit import MANIFEST, RunWriter
-from pipelines.config import EmbedConfig, RunConfig, StorageConfig
-from pipelines.html_report import render_html
-from pipelines.report import load_run_report
+from labelnext.ops import storage
+from labelnext.pipelines import ledger
+from labelnext.ops.embed_cache import EmbeddingCache, model_key
+from labelnext.ops.objects import LocalObjects, PreconditionFailed, S3Objects
+from labelnext.ops.read import id_hash
+from labelnext.pipelines.run_lock import ClaimLost, Holder, RunClaim, RunLocked
+from labelnext.ops.s3 import S3Settings
+from labelnext.pipelines.commit import MANIFEST, RunWriter
+from labelnext.pipelines.config import EmbedConfig, RunConfig, StorageConfig
+from labelnext.pipelines.html_report import render_html
+from labelnext.pipelines.report import load_run_report
 from tests.s3_fixtures import s3_bucket, s3_endpoint, s3_env  # noqa: F401 (fixtures)
 
 SSE_CASES = [

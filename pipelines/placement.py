@@ -5,6 +5,8 @@ decision is unit-testable without a cluster. The caller passes the maps in; noth
 
 GPU policy (per stage):
 
+Keys live under ``resources.<stage>`` in the run config; messages name them with that prefix.
+
 * ``device: auto`` uses GPUs when the stage asks for some (``num_gpus > 0``) and the cluster shows a ``GPU``
   resource; when it asks but the cluster has none, the stage runs on CPU and ONE warning line is logged.
 * ``device: cuda`` is a requirement: with no ``GPU`` resource in the cluster, :class:`PlacementError` is
@@ -21,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from pipelines.config import ClusterConfig, EmbedConfig, ScoreConfig
+from labelnext.pipelines.config import ClusterResources, ResourcesConfig
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +203,7 @@ def _place_stage(
 
 def plan_placement(
     resources: Mapping[str, Any],
-    embed_cfg: EmbedConfig,
-    score_cfg: ScoreConfig,
+    cfg: ResourcesConfig,
     *,
     nodes: Optional[Sequence[Mapping[str, Any]]] = None,
     cpu_reserve: float = DEFAULT_CPU_RESERVE,
@@ -219,11 +220,11 @@ def plan_placement(
     fallbacks: list[str] = []
     common = dict(nodes=node_list, cluster_gpus=cluster_gpus, cpu_reserve=cpu_reserve, notes=notes,
                   warnings=warnings, fallbacks=fallbacks)
-    embed = _place_stage("embed", device=embed_cfg.device, num_gpus=embed_cfg.num_gpus, num_cpus=embed_cfg.num_cpus,
-                         concurrency=embed_cfg.concurrency, tensor_parallel_size=1, **common)
-    score = _place_stage("score", device=score_cfg.device, num_gpus=score_cfg.num_gpus, num_cpus=score_cfg.num_cpus,
-                         concurrency=score_cfg.concurrency, tensor_parallel_size=score_cfg.tensor_parallel_size,
-                         **common)
+    e, sc = cfg.embed, cfg.score
+    embed = _place_stage("resources.embed", device=e.device, num_gpus=e.num_gpus, num_cpus=e.num_cpus,
+                         concurrency=e.concurrency, tensor_parallel_size=1, **common)
+    score = _place_stage("resources.score", device=sc.device, num_gpus=sc.num_gpus, num_cpus=sc.num_cpus,
+                         concurrency=sc.concurrency, tensor_parallel_size=sc.tensor_parallel_size, **common)
     if fallbacks:
         # One line for both stages: the reader needs to learn once that the run is on CPU.
         warnings.insert(0, f"config asks for GPUs for {' and '.join(fallbacks)} but the Ray cluster has no GPU "
@@ -233,8 +234,8 @@ def plan_placement(
     return Placement(embed=embed, score=score, notes=notes, warnings=warnings)
 
 
-def faiss_use_gpu(cluster_cfg: ClusterConfig) -> bool:
-    """True when ``cluster.use_gpu`` is auto and the local faiss build sees a GPU."""
+def faiss_use_gpu(cluster_cfg: ClusterResources) -> bool:
+    """True when ``resources.cluster.use_gpu`` is auto and the local faiss build sees a GPU."""
     if cluster_cfg.use_gpu != "auto":
         return False
     try:

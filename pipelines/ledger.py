@@ -5,7 +5,7 @@ before its manifest, which names that file. An entry counts only when the run's 
 it, so a run that died before committing excludes nothing, an attempt that lost its claim cannot replace
 the committed attempt's entry, and a rerun of the same run id never excludes its own earlier selection.
 
-Exclusions travel as sorted 64-bit id hashes (``ops.read.id_hash``, the reader's ``_id_hash`` column):
+Exclusions travel as sorted 64-bit id hashes (``labelnext.ops.read.id_hash``, the reader's ``_id_hash`` column):
 8 bytes per excluded id on the driver and in the object store (7M ids ~ 56 MB); the chance that a new
 document is dropped by a hash collision is about (excluded x corpus) / 2^64, ~4e-6 at 7M x 10M.
 """
@@ -25,10 +25,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from ops import read as rd
-from ops import storage
-from ops.storage import OutputRoot, RunLayout
-from pipelines.config import StorageConfig
+from labelnext.ops import read as rd
+from labelnext.ops import storage
+from labelnext.ops.storage import OutputRoot, RunLayout
+from labelnext.pipelines.config import StorageConfig
 
 log = logging.getLogger("labelnext")
 

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-from ops.objects import ObjectStore, PreconditionFailed, StorageError
+from labelnext.ops.objects import ObjectStore, PreconditionFailed, StorageError
 
 log = logging.getLogger("labelnext")
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from pipelines.config import CostConfig
+from labelnext.pipelines.config import CostConfig
 
 log = logging.getLogger("labelnext")
 

@@ -1,0 +1,28 @@
+"""Column names the stages pass between them, in one place.
+
+Names starting with ``_`` are internal: they ride between stages and never reach an output file.
+"""
+
+DOC_ID = "doc_id"
+TEXT = "text"
+# read
+ORDER = "_order"  # (file index << 40) | row: where a row came from, and a stable order
+ID_HASH = "_id_hash"
+REASON = "reject_reason"
+TEXT_TRUNCATED = "text_truncated"
+# embed
+EMBEDDING = "embedding"
+TEXT_HASH = "_text_hash"
+# cluster
+CLUSTER_ID = "cluster_id"
+DISTANCE = "distance"
+RAND_KEY = "_rand_key"  # seeded per-document key: the diverse share and every tie-break
+# candidates
+CANDIDATE_REASON = "candidate_reason"
+# score
+SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
+# select
+SELECTED_COLUMNS = (
+    "doc_id", "rank", "cluster_id", "cluster_size", "uncertainty", "nll", "n_tokens",
+    "distance_to_centroid", "reason",
+)
