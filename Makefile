@@ -27,6 +27,8 @@ demo: $(STAMP)
 	$(BIN)/labelnext run --corpus runs/sample_corpus.parquet --output runs/demo --budget $(DEMO_BUDGET) --run-id demo
 
 test: $(STAMP)
+	# Headless Chromium renders report.html in tests/test_report_html.py (Debian/Ubuntu package; CI runs as root).
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -ra
 
 clean:

@@ -11,8 +11,13 @@ deterministic per document, so every pool document is scored ONCE with the real 
 strategies then look up the scores of the documents they would have sent to the LLM. The "LLM docs" column
 counts what each strategy would score in a real run.
 
+The cold-start rule is chosen out of sample (``bench/lodo.py``): for each held-out dataset, picked on the other
+datasets and reported on the held-out one. scikit-activeml's TypiClust and ProbCover are the published anchors.
+``--rounds R --per-round B`` runs the simulated nightly label loop instead (``bench/loop.py``).
+
     python -m bench.quality            # full run (long on a small CPU machine; see bench/README.md)
     python -m bench.quality --quick    # a few minutes: one dataset subset, budgets 20/50, 5 seeds
+    python -m bench.quality --rounds 5 --per-round 200    # the nightly loop, 5 seeds
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,6 +38,8 @@ import pyarrow.parquet as pq
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import anchors, lodo, loop  # noqa: E402
+from bench.result_cache import ResultCache  # noqa: E402
 from bench.common import (  # noqa: E402
     OUT, SHARED_DATA, SHARED_DATA_DISPLAY, cache_key, file_sha256, log, machine_description, markdown_table,
     setup_env, slug,
@@ -58,42 +66,55 @@ QUICK_SEEDS = 5  # 2 seeds flip the sign of B=50 gaps on the 1,000-doc subset; 5
 QUICK_DATASET = "ag_news_test"
 QUICK_POOL = 1000
 QUICK_TEST = 1500
-REQUIRED = ("random", "entropy_all", "labelnext")  # the verdict compares these
+LOOP_SEEDS = 5
+LOOP_QUICK_SEEDS = 2
+REQUIRED = ("random",)  # every difference is taken against it
+# scikit-learn k-means with B clusters over the pool (TypiClust) takes minutes per call at B=200 on a small CPU;
+# the anchors are compared by their mean over datasets, so a few seeds suffice.
+ANCHOR_SEEDS = 3
 
 
 # -- strategies -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    kind: str  # "random" | "entropy_all" | "pipeline"
+    kind: str  # "random" | "entropy_all" | "anchor" | "pipeline"
     overrides: tuple[str, ...] = ()  # ``--set`` style overrides on the default config
     note: str = ""
+    family: bool = False  # a cold-start rule the leave-one-dataset-out choice picks from
+
+
+# The cold-start family: k (budget/2 or budget clusters) x quotas (by size, or one per cluster first) x the
+# preference within a cluster (uniform: the floor; nearest to the centroid; LLM uncertainty against typicality).
+K_SETTINGS = {"B/2": "cluster.labels_per_cluster=2", "B": "cluster.labels_per_cluster=1"}
+WITHIN = {"stratified": "uniform within each cluster (random key)", "cluster_only": "nearest to the centroid",
+          "typical_uncertain": "LLM uncertainty percentile - distance percentile"}
+
+
+def family() -> list[Strategy]:
+    out = []
+    for rule, within in WITHIN.items():
+        for k_name, k_set in K_SETTINGS.items():
+            for quota in ("size", "cover"):
+                if k_name == "B/2" and quota == "cover":
+                    continue  # with two labels per cluster every cluster is visited by size quotas already
+                name = f"{rule}@{k_name}" + ("+cover" if quota == "cover" else "")
+                note = f"k = {k_name}, quotas by {'size' if quota == 'size' else 'one per cluster, then size'}, {within}"
+                out.append(Strategy(name, "pipeline", (k_set, f"select.rule={rule}", f"select.quota={quota}"),
+                                    note, family=True))
+    return out
 
 
 def strategies(default_rule: str) -> list[Strategy]:
     """The strategies compared; ``labelnext`` is the default config, unmodified."""
     return [
         Strategy("random", "random", note="uniform sample of the pool, no LLM"),
+        Strategy("typiclust", "anchor", note="scikit-activeml TypiClust, its defaults (k-means with budget clusters, "
+                                             "the most typical document of each)"),
+        Strategy("probcover", "anchor", note="scikit-activeml ProbCover, its defaults (greedy ball coverage)"),
         Strategy("entropy_all", "entropy_all", note="LLM over every pool doc, top-B by mean token entropy"),
-        Strategy("cluster_only", "pipeline", ("select.rule=cluster_only",), "nearest to centroid per quota, no LLM"),
         Strategy("labelnext", "pipeline", (), f"the default config (rule {default_rule})"),
-        Strategy("typical_uncertain", "pipeline", ("select.rule=typical_uncertain", "select.typicality_weight=1.0"),
-                 "size quotas x (uncertainty percentile - distance percentile) in cluster"),
-        Strategy("typical_uncertain_w0.5", "pipeline",
-                 ("select.rule=typical_uncertain", "select.typicality_weight=0.5")),
-        Strategy("typical_uncertain_w2", "pipeline", ("select.rule=typical_uncertain", "select.typicality_weight=2.0")),
-        Strategy("typical_uncertain_nll", "pipeline", ("select.rule=typical_uncertain", "select.score=nll")),
-        Strategy("baseline", "pipeline", ("select.rule=baseline", "select.score=mean_entropy"),
-                 "size quotas x highest mean entropy in cluster"),
-        Strategy("baseline_nll", "pipeline", ("select.rule=baseline", "select.score=nll")),
-        Strategy("baseline_max_entropy", "pipeline", ("select.rule=baseline", "select.score=max_entropy")),
-        Strategy("baseline_cap0.8", "pipeline", ("select.rule=baseline", "select.entropy_cap_quantile=0.8")),
-        Strategy("uncertainty_weighted", "pipeline", ("select.rule=uncertainty_weighted",)),
-        Strategy("round_robin", "pipeline", ("select.rule=round_robin",)),
-        Strategy("entropy_candidates", "pipeline", ("select.rule=entropy_only",),
-                 "top-B entropy among the candidates only"),
-        Strategy("baseline_diverse0", "pipeline", ("select.rule=baseline", "candidates.diverse_fraction=0.0")),
-        Strategy("baseline_diverse1", "pipeline", ("select.rule=baseline", "candidates.diverse_fraction=1.0")),
+        *family(),
     ]
 
 
@@ -226,7 +247,11 @@ class Pool:
 
     ids: np.ndarray
     emb: np.ndarray
-    scores: pa.Table  # aligned with ids
+    scores: Optional[pa.Table]  # aligned with ids; None when no strategy ranks by the LLM
+
+    def subset(self, rows: np.ndarray) -> "Pool":
+        scores = None if self.scores is None else self.scores.take(pa.array(rows, pa.int64()))
+        return Pool(ids=self.ids[rows], emb=self.emb[rows], scores=scores)
 
 
 def _embedding_column(emb: np.ndarray) -> pa.Array:
@@ -289,8 +314,9 @@ class Picked:
 class Runner:
     """Runs every strategy for one (pool, budget, seed); clusterings are shared between strategies."""
 
-    def __init__(self, pool: Pool, budget: int, seed: int):
+    def __init__(self, pool: Pool, budget: int, seed: int, anchors_: Optional[anchors.ColdStartAnchors] = None):
         self.pool, self.budget, self.seed = pool, budget, seed
+        self.anchors = anchors_ or anchors.ColdStartAnchors(pool.emb, budget)
         self._assignments: dict[tuple, tuple[pa.Table, np.ndarray]] = {}
 
     def _config(self, overrides: tuple[str, ...]):
@@ -305,12 +331,14 @@ class Runner:
         return self._assignments[key]
 
     def pick(self, strategy: Strategy) -> Picked:
-        from labelnext.ops.select import Selector
+        from labelnext.ops.select import Selector, uses_llm
 
         n = len(self.pool.ids)
         if strategy.kind == "random":
             rng = np.random.default_rng(10_000 + self.seed)
             return Picked(np.sort(rng.choice(n, min(self.budget, n), replace=False)), 0)
+        if strategy.kind == "anchor":
+            return Picked(np.sort(self.anchors.pick(strategy.name, self.budget, self.seed)), 0)
         cfg = self._config(strategy.overrides)
         assigned, sizes = self._assigned(cfg)
         if strategy.kind == "entropy_all":
@@ -318,7 +346,7 @@ class Runner:
             sel_cfg = cfg.select.model_copy(update={"rule": "entropy_only", "score": "mean_entropy",
                                                      "entropy_cap_quantile": None})
             return Picked(select_rows(Selector(sel_cfg).select(table, sizes, self.budget), table), n)
-        scored = cfg.select.rule != "cluster_only"
+        scored = uses_llm(cfg.select)
         table = with_features(candidates(assigned, sizes, self.budget, cfg), self.pool, scored=scored)
         selected = Selector(cfg.select).select(table, sizes, self.budget)
         return Picked(select_rows(selected, table), table.num_rows if scored else 0)
@@ -334,7 +362,10 @@ def macro_f1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     if len(classes) == 1:
         pred = np.full(len(test_y), classes[0], dtype=object)
     else:
-        pred = LogisticRegression(C=LR_C, max_iter=2000).fit(train_x, train_y).predict(test_x)
+        with warnings.catch_warnings():
+            # CLINC150 at B <= 200: fewer labels than twice the classes, which scikit-learn warns about.
+            warnings.filterwarnings("ignore", message="The number of unique classes")
+            pred = LogisticRegression(C=LR_C, max_iter=2000).fit(train_x, train_y).predict(test_x)
     return float(f1_score(test_y, pred, average="macro", labels=np.unique(test_y), zero_division=0))
 
 
@@ -348,19 +379,59 @@ class Result:
     llm_docs: int
 
 
-def bench_dataset(ds: Dataset, strategies_: list[Strategy], budgets: tuple[int, ...], seeds: int, cfg) -> list[Result]:
+def needs_llm(strategies_: list[Strategy]) -> bool:
+    """Whether any strategy ranks by LLM scores (then every pool document is scored once, and cached)."""
+    from labelnext.ops.select import uses_llm
+    from labelnext.pipelines.config import load_config
+
+    return any(s.kind == "entropy_all" or (s.kind == "pipeline" and uses_llm(load_config(overrides=list(
+        s.overrides)).select)) for s in strategies_)
+
+
+def load_pool(ds: Dataset, cfg, scored: bool) -> tuple[Pool, np.ndarray]:
+    """The pool (with LLM scores when ``scored``) and the embeddings of every row of the file."""
     emb_all = embeddings(ds, cfg.embed)
-    pool = Pool(ids=ds.ids[ds.pool], emb=emb_all[ds.pool], scores=llm_scores(ds, ds.pool, cfg.score))
+    scores = llm_scores(ds, ds.pool, cfg.score) if scored else None
+    return Pool(ids=ds.ids[ds.pool], emb=emb_all[ds.pool], scores=scores), emb_all
+
+
+def strategy_settings(st: Strategy) -> str:
+    """The resolved settings a strategy's result depends on (the default config's, for ``labelnext``)."""
+    from labelnext.pipelines.config import load_config
+
+    if st.kind in ("random", "anchor"):
+        return st.kind
+    cfg = load_config(overrides=list(st.overrides))
+    return cache_key(cfg.cluster.model_dump_json(), cfg.candidates.model_dump_json(), cfg.select.model_dump_json(),
+                     cfg.embed.model, cfg.score.model, cfg.score.max_tokens)
+
+
+def bench_dataset(ds: Dataset, strategies_: list[Strategy], budgets: tuple[int, ...], seeds: int, cfg,
+                  cache: ResultCache) -> list[Result]:
+    settings = {st.name: strategy_settings(st) for st in strategies_}
+    keys = {(b, s, st.name): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, b, s, st.name,
+                                       settings[st.name])
+            for b in budgets for s in range(seeds) for st in strategies_}
+    todo = [st for st in strategies_ if any(cache.get(keys[(b, s, st.name)]) is None
+                                           for b in budgets for s in range(seeds))]
+    pool, emb_all = load_pool(ds, cfg, needs_llm(todo))
     test_x, test_y = emb_all[ds.test], ds.labels[ds.test]
     pool_y = ds.labels[ds.pool]
     results = []
+    cold_anchors = anchors.ColdStartAnchors(pool.emb, max(budgets))
     for budget in budgets:
         for seed in range(seeds):
-            runner = Runner(pool, budget, seed)
+            runner = Runner(pool, budget, seed, cold_anchors)
             for st in strategies_:
-                picked = runner.pick(st)
-                f1 = macro_f1(pool.emb[picked.rows], pool_y[picked.rows], test_x, test_y)
-                results.append(Result(ds.name, budget, st.name, seed, f1, picked.llm_docs))
+                if st.kind == "anchor" and seed >= ANCHOR_SEEDS:
+                    continue
+                key = keys[(budget, seed, st.name)]
+                if cache.get(key) is None:
+                    picked = runner.pick(st)
+                    cache.put(key, [macro_f1(pool.emb[picked.rows], pool_y[picked.rows], test_x, test_y),
+                                    picked.llm_docs])
+                f1, llm_docs = cache.get(key)
+                results.append(Result(ds.name, budget, st.name, seed, f1, llm_docs))
         log(f"{ds.name}: budget {budget} done")
     return results
 
@@ -407,47 +478,68 @@ def paired_delta(results: list[Result], names: list[str], budgets: tuple[int, ..
     """Per (budget, strategy): mean over seeds of (dataset-averaged F1 - the reference's at the same seed index),
     with its standard error over seeds."""
     f1 = {(r.dataset, r.budget, r.strategy, r.seed): r.f1 for r in results}
-    seeds = sorted({r.seed for r in results})
     out = {}
     for b in budgets:
         for st in order:
+            seeds = sorted({r.seed for r in results if r.strategy == st}
+                           & {r.seed for r in results if r.strategy == reference})
             diffs = np.array([np.mean([f1[(d, b, st, s)] - f1[(d, b, reference, s)] for d in names]) for s in seeds])
             se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
             out[(b, st)] = (float(diffs.mean()), se)
     return out
 
 
-def delta_table(delta, budgets: tuple[int, ...], order: list[str]) -> str:
-    rows = [[st, *[f"{delta[(b, st)][0]:+.3f} ± {delta[(b, st)][1]:.3f}" for b in budgets]]
-            for st in order if st != "random"]
+def delta_table(results: list[Result], delta, names: list[str], budgets: tuple[int, ...], order: list[str]) -> str:
+    """Mean gain over random (± SE over seeds, datasets averaged per seed) and the worst dataset's gain."""
+    f1 = f1_index(results)
+    rows = []
+    for st in order:
+        if st == "random":
+            continue
+        cells = []
+        for b in budgets:
+            worst = min(names, key=lambda d: lodo.paired(f1, d, b, st, "random")[0])
+            cells.append(f"{delta[(b, st)][0]:+.3f} ± {delta[(b, st)][1]:.3f} "
+                         f"(worst {lodo.paired(f1, worst, b, st, 'random')[0]:+.3f} {worst})")
+        rows.append([st, *cells])
     return markdown_table(["strategy", *[f"B={b}" for b in budgets]], rows)
 
 
-def verdict(avg, delta, budgets: tuple[int, ...], factor: float, rule: str, quick: bool) -> str:
-    lines = []
-    ok_all = True
-    for b in budgets:
-        m, r, e = avg[(b, "labelnext")][0], avg[(b, "random")][0], avg[(b, "entropy_all")][0]
-        llm = avg[(b, "labelnext")][2]
-        ok = m > r and m > e and llm <= factor * b
-        ok_all &= ok
-        d, se = delta[(b, "labelnext")]
-        lines.append(f"- B={b}: labelnext {m:.3f} vs random {r:.3f} ({d:+.3f} ± {se:.3f} SE), vs entropy_all {e:.3f} "
-                     f"({m - e:+.3f}); LLM docs {llm:.0f} <= {factor:g} x B: {'PASS' if ok else 'FAIL'}")
-    head = f"Default rule `{rule}`: {'beats' if ok_all else 'does NOT beat'} random and entropy_all at every budget."
+def f1_index(results: list[Result]) -> lodo.F1:
+    return {(r.dataset, r.budget, r.strategy, r.seed): r.f1 for r in results}
+
+
+def verdict(results: list[Result], names: list[str], budgets: tuple[int, ...], family_names: list[str],
+            rule: str, quick: bool) -> str:
+    f1 = f1_index(results)
+    budgets_ = list(budgets)
+    parts = []
+    if any(k[2] == "labelnext" for k in f1) and any(k[2] == "typiclust" for k in f1):
+        ok, lines = lodo.acceptance(f1, "labelnext", names, budgets_)
+        parts = [f"Default (`{rule}`, the `labelnext` row): {'PASSES' if ok else 'does NOT pass'} the cold-start "
+                 "acceptance (level with random on every dataset and budget, mean - SE >= 0 paired by seed; level "
+                 "with TypiClust on the mean over datasets).", "", lines]
     if quick:
-        head += " (--quick: few seeds on a subset, too noisy to decide anything; the full run decides.)"
-    return head + "\n\n" + "\n".join(lines)
+        parts += ["", "(--quick: few seeds on a subset, too noisy to decide anything; the full run decides.)"]
+    if family_names:
+        picks = lodo.lodo(f1, family_names, names, budgets_)
+        parts += ["", "### Leave one dataset out", "",
+                  "For each held-out dataset the cold-start rule is picked on the other datasets only (largest "
+                  "worst-case gain over random across those datasets and all budgets) and reported on the held-out "
+                  "one. Cells: gain over random ± SE (paired by seed) / gain over TypiClust.", "",
+                  lodo.lodo_table(f1, picks, budgets_)]
+    return "\n".join(parts)
 
 
 def render(results: list[Result], names: list[str], budgets: tuple[int, ...], seeds: int, order: list[str],
-           notes: list[str], cfg, quick: bool) -> str:
+           family_names: list[str], notes: list[str], cfg, quick: bool) -> str:
     avg = average(results, names, budgets, order)
     delta = paired_delta(results, names, budgets, order)
     header = [
         f"# Selection quality{' (--quick)' if quick else ''}",
         "",
-        f"Machine: {machine_description()}. Seeds: {seeds} (k-means seed and training sample, candidate random keys, random sample).",
+        f"Machine: {machine_description()}. Seeds: {seeds} (k-means seed and training sample, candidate random keys, "
+        "random sample, the anchors' random state).",
         f"Cells: test macro-F1 mean ± std over seeds (LLM docs scored). Split: {1 - TEST_FRACTION:.0%} pool / "
         f"{TEST_FRACTION:.0%} held-out test, stratified, seed {SPLIT_SEED}. Classifier: LogisticRegression(C={LR_C:g}) on the "
         f"selected docs' {cfg.embed.model} embeddings.",
@@ -463,11 +555,11 @@ def render(results: list[Result], names: list[str], budgets: tuple[int, ...], se
         average_table(avg, budgets, order),
         "",
         "Difference to random selection, paired by seed index and averaged over datasets (mean ± standard error "
-        "over seeds):",
+        "over seeds), and the worst single dataset's mean difference:",
         "",
-        delta_table(delta, budgets, order),
+        delta_table(results, delta, names, budgets, order),
         "",
-        verdict(avg, delta, budgets, cfg.candidates.factor, cfg.select.rule, quick),
+        verdict(results, names, budgets, family_names, cfg.select.rule, quick),
         "",
         "## Per dataset",
         "",
@@ -491,8 +583,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--budgets", nargs="*", type=int)
     p.add_argument("--seeds", type=int)
     p.add_argument("--pool-cap", type=int)
-    p.add_argument("--strategies", nargs="*", help=f"subset of strategies (always with {', '.join(REQUIRED)})")
-    p.add_argument("--out", type=Path, default=OUT / "quality.md")
+    p.add_argument("--strategies", nargs="*", help=f"subset of strategies (always with {', '.join(REQUIRED)}; "
+                   f"loop: {', '.join(loop.REQUIRED)})")
+    p.add_argument("--fresh", action="store_true", help="recompute results cached in bench/out/cache")
+    p.add_argument("--no-llm", action="store_true", help="skip the strategies that rank by LLM scores (no scoring)")
+    p.add_argument("--rounds", type=int, help="simulated nightly loop: this many rounds (bench/loop.py)")
+    p.add_argument("--per-round", type=int, default=200, help="loop: labels bought per round")
+    p.add_argument("--out", type=Path, help="default bench/out/quality.md (loop: bench/out/loop.md)")
     return p.parse_args(argv)
 
 
@@ -513,23 +610,56 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = args.datasets or ([QUICK_DATASET] if args.quick else None)
     pool_cap = args.pool_cap or (QUICK_POOL if args.quick else None)
     strategies_ = [s for s in strategies(cfg.select.rule)
-                   if not args.strategies or s.name in args.strategies or s.name in REQUIRED]
+                   if (not args.strategies or s.name in args.strategies or s.name in REQUIRED)
+                   and not (args.no_llm and needs_llm([s]))]
+    if args.rounds:
+        return main_loop(args, names, pool_cap, cfg)
     results, used = [], []
+    cache = ResultCache(CACHE / "quality-results-v2.jsonl", fresh=args.fresh)
     for path in discover(names):
         ds = split(load_dataset(path), pool_cap, QUICK_TEST if args.quick else None)
         log(f"{ds.name}: pool {len(ds.pool)}, test {len(ds.test)}, classes {len(set(ds.labels))}")
-        results += bench_dataset(ds, strategies_, budgets, seeds, cfg)
+        results += bench_dataset(ds, strategies_, budgets, seeds, cfg, cache)
         used.append(ds.name)
     if not used:
         print(f"bench.quality: none of {names} found in {SHARED_DATA_DISPLAY}; skipping.")
         return 0
     notes = [f"Pool cap: {pool_cap} docs per dataset." if pool_cap else ""]
-    text = render(results, used, budgets, seeds, [s.name for s in strategies_], notes, cfg, args.quick)
+    text = render(results, used, budgets, seeds, [s.name for s in strategies_],
+                  [s.name for s in strategies_ if s.family], notes, cfg, args.quick)
     text += strategy_notes(strategies_) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    _write(args.out or OUT / "quality.md", text)
     return 0
+
+
+def main_loop(args: argparse.Namespace, names: Optional[list[str]], pool_cap: Optional[int], cfg) -> int:
+    results, used = [], []
+    cache = ResultCache(CACHE / "loop-results.jsonl", fresh=args.fresh)
+    seeds = args.seeds or (LOOP_QUICK_SEEDS if args.quick else LOOP_SEEDS)
+    loop_strategies = [s for s in loop.LOOP_STRATEGIES
+                       if not args.strategies or s in args.strategies or s in loop.REQUIRED]
+    for path in discover(names):
+        ds = split(load_dataset(path), pool_cap, QUICK_TEST if args.quick else None)
+        pool, emb_all = load_pool(ds, cfg, loop.needs_llm(loop_strategies, cfg.select))
+        lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, cfg, LR_C)
+        log(f"{ds.name}: loop over pool {len(ds.pool)}, {args.rounds} rounds of {args.per_round}")
+        default = strategy_settings(Strategy("labelnext", "pipeline"))
+        keys = {(st, s): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, args.rounds,
+                                   args.per_round, s, st, "" if st in loop.DEFAULT_FREE else default)
+                for st in loop_strategies for s in range(seeds)}
+        results += loop.bench_loop(ds.name, lp, loop_strategies, args.rounds, seeds, cache, keys)
+        used.append(ds.name)
+    if not used:
+        print(f"bench.quality: none of {names} found in {SHARED_DATA_DISPLAY}; skipping.")
+        return 0
+    _write(args.out or OUT / "loop.md", loop.render_loop(results, used, loop_strategies, args.rounds, args.per_round))
+    return 0
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
 
 
 def _has_cuda() -> bool:

@@ -116,7 +116,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[st
 def bench_embed(texts: list[str], cfg, rounds: int) -> tuple[list[Row], np.ndarray]:
     import torch
 
-    from labelnext.ops.embed import CPU_BATCH_TOKENS, Embedder
+    from labelnext.ops.embed import CPU_BATCH_TOKENS, Embedder, resolve_device
 
     n = len(texts)
     bare = _bare_model(cfg)

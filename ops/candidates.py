@@ -1,7 +1,9 @@
 """Candidate stage: per-cluster quotas of documents that go to the LLM (nearest + a diverse share).
 
-Works as a distributed top-k: each block keeps at most its cluster's quota of nearest rows and of
-smallest random keys; merging those partial lists on the driver gives the exact global answer.
+Works as a distributed top-k over slim columns (doc_id, cluster, distance, random key): each block keeps at
+most its cluster's quota of nearest rows and of smallest random keys (:func:`block_candidates`), then each
+cluster's partial lists are merged in one place (:func:`merge_candidates`, a Ray Data groupby in the
+pipeline), which gives the exact global answer. Ties go to the seeded random key, never to row order.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from labelnext.ops.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, DOC_ID, RAND_KEY
+from labelnext.ops.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, DOC_ID, MARGIN, RAND_KEY
 from labelnext.ops.contract import StageContract
 from labelnext.ops.settings import StageSettings
 from pydantic import Field
@@ -66,39 +68,51 @@ def proportional_quotas(weights: np.ndarray, total: int, capacity: np.ndarray | 
 class CandidatePlan:
     near: np.ndarray  # per-cluster number of nearest-to-centroid candidates
     diverse: np.ndarray  # per-cluster number of random (diverse) candidates
+    near_key: str = DISTANCE  # the "near" share takes the smallest values: distance, or a task model's margin
 
     @property
     def total(self) -> int:
         return int(self.near.sum() + self.diverse.sum())
 
 
-def plan_candidates(sizes: np.ndarray, budget: int, cfg: CandidatesConfig) -> CandidatePlan:
+def plan_candidates(sizes: np.ndarray, budget: int, cfg: CandidatesConfig, near_key: str = DISTANCE) -> CandidatePlan:
     total = math.ceil(cfg.factor * budget)
     quotas = proportional_quotas(sizes, total)
     near = np.ceil(quotas * (1.0 - cfg.diverse_fraction)).astype(np.int64)
     near = np.minimum(near, quotas)
-    return CandidatePlan(near=near, diverse=quotas - near)
+    return CandidatePlan(near=near, diverse=quotas - near, near_key=near_key)
 
 
-def _top_per_cluster(table: pa.Table, keys: np.ndarray, limits: np.ndarray) -> np.ndarray:
-    """Row indices of the ``limits[c]`` smallest keys within each cluster c."""
-    clusters = table.column(CLUSTER_ID).to_numpy()
-    order = np.lexsort((keys, clusters))
-    sorted_clusters = clusters[order]
+def _top_per_cluster(table: pa.Table, key: str, limits: np.ndarray) -> np.ndarray:
+    """Row indices of the ``limits[c]`` smallest ``key`` values within each cluster c.
+
+    Ties go to the smaller seeded random key, then the smaller doc_id: a total order, so a block's top rows
+    always hold the global answer's rows and nothing depends on row order or block layout.
+    """
+    sort_keys = [(name, "ascending") for name in dict.fromkeys((CLUSTER_ID, key, RAND_KEY, DOC_ID))]
+    order = pc.sort_indices(table, sort_keys=sort_keys).to_numpy().astype(np.int64)
+    sorted_clusters = table.column(CLUSTER_ID).to_numpy()[order]
     starts = np.searchsorted(sorted_clusters, sorted_clusters, side="left")
     rank_in_cluster = np.arange(len(order)) - starts
     keep = rank_in_cluster < limits[sorted_clusters]
     return order[keep]
 
 
+def seeded_ranks(table: pa.Table) -> np.ndarray:
+    """Each row's position in the seeded order (random key, then doc_id): the tie-break wherever values are
+    equal, so a selection never depends on row order or block layout."""
+    order = pc.sort_indices(table, sort_keys=[(RAND_KEY, "ascending"), (DOC_ID, "ascending")]).to_numpy()
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.arange(len(order))
+    return ranks
+
+
 def block_candidates(table: pa.Table, plan: CandidatePlan) -> pa.Table:
     """Per block: rows that could be in the global answer (nearest or smallest random key)."""
     if table.num_rows == 0:
         return table
-    dist = table.column(DISTANCE).to_numpy()
-    rkey = table.column(RAND_KEY).to_numpy()
-    near_idx = _top_per_cluster(table, dist, plan.near)
-    rand_idx = _top_per_cluster(table, rkey, plan.near + plan.diverse)
+    near_idx = _top_per_cluster(table, plan.near_key, plan.near)
+    rand_idx = _top_per_cluster(table, RAND_KEY, plan.near + plan.diverse)
     idx = np.union1d(near_idx, rand_idx)
     return table.take(pa.array(idx, pa.int64()))
 
@@ -109,17 +123,15 @@ def merge_candidates(partial: pa.Table, plan: CandidatePlan) -> pa.Table:
         return partial.append_column(CANDIDATE_REASON, pa.array([], pa.string()))
     # Deterministic order regardless of block arrival order.
     partial = partial.sort_by([(CLUSTER_ID, "ascending"), ("doc_id", "ascending")])
-    dist = partial.column(DISTANCE).to_numpy()
-    near_idx = _top_per_cluster(partial, dist, plan.near)
+    near_idx = _top_per_cluster(partial, plan.near_key, plan.near)
     taken = np.zeros(partial.num_rows, dtype=bool)
     taken[near_idx] = True
     # Diverse share: the smallest random keys among rows not already taken as nearest.
     rest = np.flatnonzero(~taken)
     rest_table = partial.take(pa.array(rest, pa.int64()))
-    rkey = rest_table.column(RAND_KEY).to_numpy()
-    div_idx = rest[_top_per_cluster(rest_table, rkey, plan.diverse)]
+    div_idx = rest[_top_per_cluster(rest_table, RAND_KEY, plan.diverse)]
     reasons = np.full(partial.num_rows, None, dtype=object)
-    reasons[near_idx] = "near_centroid"
+    reasons[near_idx] = "lowest_margin" if plan.near_key == MARGIN else "near_centroid"
     reasons[div_idx] = "diverse"
     keep = np.sort(np.concatenate([near_idx, div_idx]))
     out = partial.take(pa.array(keep, pa.int64()))

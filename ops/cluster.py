@@ -11,7 +11,7 @@ import numpy as np
 
 from pydantic import Field
 
-from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
+from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, MARGIN, PREDICTED_LABEL, RAND_KEY
 from labelnext.ops.contract import StageContract
 from labelnext.ops.settings import StageSettings
 
@@ -27,6 +27,8 @@ class ClusterConfig(StageSettings):
     """``cluster``: k-means size and training (whether it trains on a GPU lives in ``resources.cluster``)."""
 
     k: Optional[int] = Field(default=None, gt=0, description="number of clusters; derived from the budget when unset")
+    labels_per_cluster: float = Field(default=1.0, gt=0, description="when k is unset, k = budget / labels_per_"
+                                      "cluster (bench/quality.py chose it)")
     train_sample: int = Field(default=256, gt=0, description="training points per centroid (capped by corpus size)")
     niter: int = Field(default=20, gt=0)
     seed: int = 0
@@ -34,12 +36,12 @@ class ClusterConfig(StageSettings):
 
 
 def choose_k(n_docs: int, budget: int, cfg: ClusterConfig) -> int:
-    """k from config, else about two labels per cluster, bounded so clusters are not tiny."""
+    """k from config, else ``budget / labels_per_cluster``, bounded so clusters are not tiny."""
     if n_docs <= 0:
         return 0
     if cfg.k is not None:
         return min(cfg.k, n_docs)
-    k = math.ceil(max(budget, 1) / 2)
+    k = math.ceil(max(budget, 1) / cfg.labels_per_cluster)
     return max(1, min(k, max(1, n_docs // MIN_CLUSTER_DOCS), MAX_DERIVED_K))
 
 
@@ -88,18 +90,27 @@ def rand_keys(doc_ids: list[str], seed: int) -> np.ndarray:
 
 
 class Assigner:
-    """Nearest centroid (cosine) for every embedding; centroids arrive once per actor."""
+    """Nearest centroid (cosine) for every embedding; centroids arrive once per actor.
 
-    def __init__(self, centroids, seed: int = 0):
+    With a task model (``labelnext.ops.task_model.TaskModel``, or an object ref to one) it also adds the
+    model's ``margin`` and ``predicted_label`` for every document.
+    """
+
+    def __init__(self, centroids, seed: int = 0, task_model=None):
         import faiss
 
         if not isinstance(centroids, np.ndarray):
             import ray
 
             centroids = ray.get(centroids)
+        if task_model is not None and not hasattr(task_model, "margin"):
+            import ray
+
+            task_model = ray.get(task_model)
         self.index = faiss.IndexFlatIP(centroids.shape[1])
         self.index.add(np.ascontiguousarray(centroids, dtype=np.float32))
         self.seed = seed
+        self.task_model = task_model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         emb = np.ascontiguousarray(np.stack(batch["embedding"]) if batch["embedding"].dtype == object
@@ -108,4 +119,6 @@ class Assigner:
         batch[CLUSTER_ID] = idx[:, 0].astype(np.int32)
         batch[DISTANCE] = np.clip(1.0 - sims[:, 0], 0.0, 2.0).astype(np.float32)
         batch[RAND_KEY] = rand_keys([str(d) for d in batch["doc_id"]], self.seed)
+        if self.task_model is not None:
+            batch[MARGIN], batch[PREDICTED_LABEL] = self.task_model.margin(emb)
         return batch

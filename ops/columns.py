@@ -12,11 +12,15 @@ REASON = "reject_reason"
 TEXT_TRUNCATED = "text_truncated"
 # embed
 EMBEDDING = "embedding"
+TOKEN_IDS = "_token_ids"  # encoder input ids per document (tokenize -> embed)
 TEXT_HASH = "_text_hash"
 # cluster
 CLUSTER_ID = "cluster_id"
 DISTANCE = "distance"
 RAND_KEY = "_rand_key"  # seeded per-document key: the diverse share and every tie-break
+# cluster, when labels exist: the task model's view of every document (ops/task_model.py)
+MARGIN = "margin"  # top-1 minus top-2 class probability; small = uncertain
+PREDICTED_LABEL = "predicted_label"
 # candidates
 CANDIDATE_REASON = "candidate_reason"
 # score
@@ -24,5 +28,5 @@ SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
 # select
 SELECTED_COLUMNS = (
     "doc_id", "rank", "cluster_id", "cluster_size", "uncertainty", "nll", "n_tokens",
-    "distance_to_centroid", "reason",
+    "distance_to_centroid", "reason", "predicted_label", "margin",
 )

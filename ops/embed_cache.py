@@ -6,7 +6,9 @@ later crashed are still valid and a rerun reuses them. Each file is named after 
 retried Ray task rewrites the same file instead of adding a copy.
 
 Lookup is a Ray Data left outer join of the accepted documents with the cache on (doc_id, text_hash): it
-runs distributed and the driver holds no keys. Without any cache file the join is skipped. The join reads
+runs distributed and the driver holds no keys. A key cached twice (two runs, or a crashed run's retry that
+batched differently, embedded the same document) is joined from one file only, the first by path, so a
+document never comes back twice. Without any cache file the join is skipped. The join reads
 and shuffles the whole cache (about 1.5 KB per cached document at 384 dimensions); the cache grows by the
 files of each run and is never compacted, so delete it (or a model's folder) to start over.
 """
@@ -25,7 +27,7 @@ from labelnext.ops import read as rd
 from labelnext.ops import storage
 from labelnext.ops.columns import EMBEDDING, TEXT_HASH
 from labelnext.ops.embed import EmbedConfig
-from labelnext.ops.instrument import BUSY_S, NODE_ID
+from labelnext.ops.instrument import ACTOR_ID, BUSY_S, NODE_ID
 from labelnext.ops.storage import OutputRoot
 
 # TEXT_HASH is the pipeline's column; the cache files call it text_hash.
@@ -68,13 +70,37 @@ class EmbeddingCache:
             return docs, None
         cached = ray.data.read_parquet(
             files, filesystem=self.fs, columns=["doc_id", "text_hash", EMBEDDING], partitioning=None,
-        ).rename_columns({"text_hash": TEXT_HASH})
+            include_paths=True)
+        kept = self.kept_copies(files)
+        if kept is not None:
+            cached = cached.map_batches(_drop_other_copies, fn_kwargs={"kept": ray.put(kept)}, batch_format="pyarrow")
+        cached = cached.drop_columns(["path"]).rename_columns({"text_hash": TEXT_HASH})
         partitions = max(1, min(256, math.ceil(n_docs / _ROWS_PER_JOIN_PARTITION)))
         joined = docs.join(cached, "left_outer", partitions, on=("doc_id", TEXT_HASH)).materialize()
         misses = joined.filter(expr=col(EMBEDDING).is_null()).drop_columns([EMBEDDING])
         hits = joined.filter(expr=~col(EMBEDDING).is_null()).map_batches(
             _as_embedded, fn_kwargs={"columns": columns}, batch_format="numpy")
         return misses.materialize(), hits.materialize()
+
+    def kept_copies(self, files: list[str]) -> Optional[pa.Table]:
+        """(doc_id, text_hash, path): for each key that several cache files hold, the file whose copy is used.
+
+        None when every key is cached once (the usual case): a slim groupby over the keys finds out, and only
+        the repeated keys reach the driver.
+        """
+        import ray
+        from ray.data.expressions import col
+
+        keys = ray.data.read_parquet(files, filesystem=self.fs, columns=["doc_id", "text_hash"], partitioning=None,
+                                     include_paths=True)
+        repeated = _gather(keys.select_columns(["doc_id", "text_hash"]).groupby(["doc_id", "text_hash"]).count()
+                           .filter(expr=col("count()") > 1).select_columns(["doc_id", "text_hash"]))
+        if repeated.num_rows == 0:
+            return None
+        located = _gather(keys.map_batches(_rows_with_keys, fn_kwargs={"keys": ray.put(_key(repeated))},
+                                           batch_format="pyarrow"))
+        first = located.group_by(["doc_id", "text_hash"]).aggregate([("path", "min")])
+        return first.select(["doc_id", "text_hash", "path_min"]).rename_columns(["doc_id", "text_hash", "path"])
 
     def write(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data batch function after the encoder: store the new vectors, pass the batch on."""
@@ -94,17 +120,48 @@ class EmbeddingCache:
         return batch
 
 
-def _as_embedded(batch: dict[str, np.ndarray], columns: list[str]) -> dict[str, np.ndarray]:
-    """Cached rows in the encoder's output shape; a doc_id met twice (two runs cached it) is kept once."""
+def _gather(ds) -> pa.Table:
     import ray
 
-    _, first = np.unique(batch["doc_id"].astype(str), return_index=True)
-    keep = np.sort(first)
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables) if tables else pa.table({"doc_id": pa.array([], pa.string())})
+
+
+def _key(table: pa.Table) -> pa.Array:
+    return pa.compute.binary_join_element_wise(table.column("doc_id"), table.column("text_hash"), "\x1f")
+
+
+def _rows_with_keys(table: pa.Table, keys) -> pa.Table:
+    if not isinstance(keys, pa.Array):
+        import ray
+
+        keys = ray.get(keys)
+    return table.filter(pa.compute.is_in(_key(table), value_set=keys))
+
+
+def _drop_other_copies(table: pa.Table, kept) -> pa.Table:
+    """Cache rows, less the copies of repeated keys that ``kept`` does not name."""
+    if not isinstance(kept, pa.Table):
+        import ray
+
+        kept = ray.get(kept)
+    where = pa.compute.index_in(_key(table), value_set=_key(kept))
+    kept_path = kept.column("path").take(where)
+    other = pa.compute.fill_null(pa.compute.not_equal(table.column("path"), kept_path), False)
+    return table.filter(pa.compute.invert(other))
+
+
+def _as_embedded(batch: dict[str, np.ndarray], columns: list[str]) -> dict[str, np.ndarray]:
+    """Cached rows in the encoder's output shape."""
+    import ray
+
     vectors = batch[EMBEDDING]
     if vectors.dtype == object:
         vectors = np.stack(vectors) if len(vectors) else np.zeros((0, 1), np.float32)
-    out = {name: batch[name][keep] for name in columns}
-    out[EMBEDDING] = np.ascontiguousarray(vectors[keep], dtype=np.float32)
-    out[NODE_ID] = np.full(len(keep), ray.get_runtime_context().get_node_id(), dtype=object)
-    out[BUSY_S] = np.zeros(len(keep), dtype=np.float64)
+    n = len(batch["doc_id"])
+    out = {name: batch[name] for name in columns}
+    out[EMBEDDING] = np.ascontiguousarray(vectors, dtype=np.float32)
+    out[NODE_ID] = np.full(n, ray.get_runtime_context().get_node_id(), dtype=object)
+    out[ACTOR_ID] = np.full(n, "", dtype=object)  # read from the cache: no encoder actor
+    out[BUSY_S] = np.zeros(n, dtype=np.float64)
     return out

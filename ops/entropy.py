@@ -107,3 +107,21 @@ def reduce_doc(entropy, nll) -> DocStats:
     if entropy.size == 0:
         return EMPTY
     return DocStats(float(entropy.mean()), float(entropy.max()), float(nll.mean()), int(entropy.size))
+
+
+def segment_stats(entropy: torch.Tensor, nll: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-document ``[mean entropy, max entropy, mean NLL]`` (float64, ``[D, 3]``) on the positions' device.
+
+    ``entropy``/``nll`` hold the positions of ``D`` documents back to back, ``lengths[d] >= 1`` of them for
+    document ``d``: one reduction for a whole batch instead of one host round trip per document. Sums are
+    float64, as :func:`reduce_doc` computes them.
+    """
+    n_docs = int(lengths.shape[0])
+    doc = torch.repeat_interleave(torch.arange(n_docs, device=entropy.device), lengths.to(entropy.device))
+    sums = torch.zeros((2, n_docs), dtype=torch.float64, device=entropy.device)
+    sums[0].index_add_(0, doc, entropy.double())
+    sums[1].index_add_(0, doc, nll.double())
+    peak = torch.full((n_docs,), -math.inf, dtype=torch.float32, device=entropy.device)
+    peak = peak.scatter_reduce(0, doc, entropy.float(), reduce="amax")
+    counts = lengths.to(entropy.device, torch.float64)
+    return torch.stack([sums[0] / counts, peak.double(), sums[1] / counts], dim=1)

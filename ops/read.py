@@ -18,7 +18,8 @@ from pyarrow import fs as pafs
 
 from pydantic import Field
 
-from labelnext.ops.columns import DOC_ID, ID_HASH, ORDER, REASON, TEXT, TEXT_TRUNCATED
+from labelnext.ops import input_vectors as iv
+from labelnext.ops.columns import DOC_ID, EMBEDDING, ID_HASH, ORDER, REASON, TEXT, TEXT_TRUNCATED
 from labelnext.ops.contract import StageContract
 from labelnext.ops.settings import StageSettings
 
@@ -31,8 +32,15 @@ class InputConfig(StageSettings):
     passthrough_columns: list[str] = Field(default_factory=list)
     exclude_ids: Optional[str] = None
     exclude_id_column: str = "doc_id"
+    # Labels returned by annotators (Parquet file or prefix, local or s3://): train the task model, never reselected.
+    labels: Optional[str] = None
+    label_id_column: str = "doc_id"
+    label_column: str = "label"
     # Characters kept per document before tokenisation; bounds memory for pathological documents.
     max_chars: int = Field(default=20_000, gt=0)
+    # A list-of-floats column holding each document's vector (from an earlier pipeline): the embed stage is
+    # skipped; rows with a null, non-finite, all-zero or wrongly sized vector are rejected with a reason.
+    embedding_column: Optional[str] = None
 
 REJECT_NULL = "null_text"
 REJECT_EMPTY = "empty_text"
@@ -54,11 +62,47 @@ _STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 _BINARY_TYPES = (pa.binary(), pa.large_binary(), pa.binary_view())
 
 
+# Rows one read task validates at most (whole row groups, so a task may hold one larger group): a big file is
+# read by several tasks in parallel.
+READ_TASK_ROWS = 131_072
+ROW_BITS = 40  # ORDER = file index << ROW_BITS | row within the file
+ALL_GROUPS = 1 << 31
+
+
 @dataclass(frozen=True)
 class CorpusFile:
     index: int
     path: str
     rows: int
+    group_rows: tuple[int, ...] = ()  # rows of each row group, from the footer
+    vector_dim: Optional[int] = None  # the dimension a fixed-size list embedding column declares
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """Consecutive row groups of one file: the unit of work of one read task."""
+
+    file_index: int
+    path: str
+    first_group: int
+    groups: int
+    first_row: int  # row number of the first group's first row within the file
+    rows: int
+
+
+def read_tasks(files: list[CorpusFile], max_rows: int = READ_TASK_ROWS) -> list[ReadTask]:
+    """Split every file into runs of whole row groups holding at most ``max_rows`` rows (at least one group)."""
+    tasks = []
+    for f in files:
+        groups = f.group_rows or (f.rows,)
+        start, first_row, rows = 0, 0, 0
+        for g, n in enumerate(groups):
+            if g > start and rows + n > max_rows:
+                tasks.append(ReadTask(f.index, f.path, start, g - start, first_row, rows))
+                start, first_row, rows = g, first_row + rows, 0
+            rows += n
+        tasks.append(ReadTask(f.index, f.path, start, len(groups) - start, first_row, rows))
+    return tasks
 
 
 def list_corpus_files(filesystem: pafs.FileSystem, path: str, display: str) -> list[str]:
@@ -100,9 +144,10 @@ def inspect_files(
                 meta = pq.ParquetFile(fh)
                 schema = meta.schema_arrow
                 rows = meta.metadata.num_rows
+                group_rows = tuple(meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups))
         except (pa.ArrowInvalid, OSError) as exc:
             raise CorpusError(f"{name}: not a readable Parquet file ({_first_line(exc)})") from None
-        for col in (cfg.id_column, cfg.text_column, *cfg.passthrough_columns):
+        for col in (cfg.id_column, cfg.text_column, *cfg.passthrough_columns, *_vector_column(cfg)):
             if col not in schema.names:
                 raise CorpusError(f"{name}: missing column {col!r} (has: {', '.join(schema.names)})")
         id_type = schema.field(cfg.id_column).type
@@ -111,8 +156,56 @@ def inspect_files(
         text_type = schema.field(cfg.text_column).type
         if text_type not in _STRING_TYPES + _BINARY_TYPES:
             raise CorpusError(f"{name}: column {cfg.text_column!r} must be string, found {text_type}")
-        out.append(CorpusFile(idx, path, rows))
+        vector_dim = None
+        for col in _vector_column(cfg):
+            problem = iv.type_problem(schema.field(col).type)
+            if problem:
+                raise CorpusError(f"{name}: column {col!r} (input.embedding_column) {problem}")
+            vector_dim = iv.fixed_dimension(schema.field(col).type)
+        out.append(CorpusFile(idx, path, rows, group_rows, vector_dim))
     return out
+
+
+def _vector_column(cfg: InputConfig) -> tuple[str, ...]:
+    return (cfg.embedding_column,) if cfg.embedding_column else ()
+
+
+def vector_dimension(
+    filesystem: pafs.FileSystem, files: list[CorpusFile], cfg: InputConfig, encoder_dim: Optional[int] = None,
+    display_prefix: str = "",
+) -> Optional[int]:
+    """The dimension every row's vector must have (None without ``input.embedding_column``).
+
+    A fixed-size list type declares it (files must agree); otherwise the first non-null vector in file order
+    sets it. When the configured encoder's dimension is known and the corpus's differs, the vectors are not
+    the encoder's: a one-line error before any compute, rather than every row rejected.
+    """
+    column = cfg.embedding_column
+    if not column:
+        return None
+    dim, source = None, ""
+    for f in files:
+        name = display_prefix + f.path
+        if f.vector_dim is not None and dim is not None and f.vector_dim != dim:
+            raise CorpusError(f"{name}: column {column!r} holds {f.vector_dim}-d vectors, {source} holds {dim}-d")
+        if f.vector_dim is not None:
+            dim, source = f.vector_dim, name
+    for f in files if dim is None else ():
+        try:
+            with filesystem.open_input_file(f.path) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=[column]):
+                    dim = iv.first_dimension(batch.column(0))
+                    if dim is not None:
+                        break
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CorpusError(f"{display_prefix + f.path}: failed to read ({_first_line(exc)})") from None
+        if dim is not None:
+            source = display_prefix + f.path
+            break
+    if dim is not None and encoder_dim is not None and dim != encoder_dim:
+        raise CorpusError(f"{source}: column {column!r} holds {dim}-d vectors but embed.model makes "
+                          f"{encoder_dim}-d ones; set embed.model to the encoder that made them")
+    return dim
 
 
 def _first_line(exc: BaseException) -> str:
@@ -174,8 +267,11 @@ def _raw_id(column: pa.Array, i: int) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def validate_table(table: pa.Table, cfg: InputConfig, file_index: int, row_offset: int) -> pa.Table:
-    """Normalise one slice of a corpus file into doc_id/text + reject_reason + order/hash keys."""
+def validate_table(
+    table: pa.Table, cfg: InputConfig, file_index: int, row_offset: int, dim: Optional[int] = None
+) -> pa.Table:
+    """Normalise one slice of a corpus file into doc_id/text + reject_reason + order/hash keys (+ the
+    corpus's vectors as unit ``embedding`` rows of ``dim`` floats with ``input.embedding_column``)."""
     n = table.num_rows
     ids_col = table.column(cfg.id_column).combine_chunks()
     if ids_col.type not in _STRING_TYPES:
@@ -184,11 +280,16 @@ def validate_table(table: pa.Table, cfg: InputConfig, file_index: int, row_offse
     if any(bad_ids):
         ids = [_raw_id(ids_col, i) if bad else doc_id for i, (doc_id, bad) in enumerate(zip(ids, bad_ids))]
     texts, non_utf8 = _to_python_strings(table.column(cfg.text_column).combine_chunks())
+    vectors, vector_reasons = None, [None] * n
+    if cfg.embedding_column:
+        if dim is None:
+            raise ValueError("input.embedding_column is set: pass the vector dimension (vector_dimension)")
+        vectors, vector_reasons = iv.validate_vectors(table.column(cfg.embedding_column).combine_chunks(), dim)
 
     reasons: list[Optional[str]] = []
     out_text: list[Optional[str]] = []
     truncated: list[bool] = []
-    for doc_id, bad_id, text, bad in zip(ids, bad_ids, texts, non_utf8):
+    for doc_id, bad_id, text, bad, vector_reason in zip(ids, bad_ids, texts, non_utf8, vector_reasons):
         reason = None
         if doc_id is None or doc_id.strip() == "":
             reason = REJECT_NULL_ID
@@ -200,6 +301,8 @@ def validate_table(table: pa.Table, cfg: InputConfig, file_index: int, row_offse
             reason = REJECT_NULL
         elif text.strip() == "":
             reason = REJECT_EMPTY
+        elif vector_reason is not None:
+            reason = vector_reason
         is_trunc = reason is None and len(text) > cfg.max_chars
         reasons.append(reason)
         truncated.append(is_trunc)
@@ -211,29 +314,40 @@ def validate_table(table: pa.Table, cfg: InputConfig, file_index: int, row_offse
         "text": pa.array(out_text, pa.string()),
         "text_truncated": pa.array(truncated, pa.bool_()),
         REASON: pa.array(reasons, pa.string()),
-        ORDER: pa.array((np.int64(file_index) << 40) + row_offset + np.arange(n, dtype=np.int64)),
+        ORDER: pa.array((np.int64(file_index) << ROW_BITS) + row_offset + np.arange(n, dtype=np.int64)),
         ID_HASH: pa.array(id_hash(safe_ids)),
     }
+    if vectors is not None:
+        columns[EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)
     for col in cfg.passthrough_columns:
         columns[col] = table.column(col).combine_chunks()
     return pa.table(columns)
 
 
 def read_file(
-    filesystem: pafs.FileSystem, corpus_file: CorpusFile, cfg: InputConfig, display: str = ""
+    filesystem: pafs.FileSystem, corpus_file: CorpusFile, cfg: InputConfig, display: str = "",
+    dim: Optional[int] = None,
 ) -> Iterator[pa.Table]:
-    """Stream one Parquet file by row group as validated tables."""
-    columns = list(dict.fromkeys([cfg.id_column, cfg.text_column, *cfg.passthrough_columns]))
-    offset = 0
+    """Stream one whole Parquet file by row group as validated tables."""
+    task = ReadTask(corpus_file.index, corpus_file.path, 0, ALL_GROUPS, 0, corpus_file.rows)
+    return read_part(filesystem, task, cfg, display, dim)
+
+
+def read_part(
+    filesystem: pafs.FileSystem, task: ReadTask, cfg: InputConfig, display: str = "", dim: Optional[int] = None
+) -> Iterator[pa.Table]:
+    """Stream a task's row groups as validated tables; row numbers count from the start of the file."""
+    columns = list(dict.fromkeys([cfg.id_column, cfg.text_column, *cfg.passthrough_columns, *_vector_column(cfg)]))
+    offset = task.first_row
     try:
-        with filesystem.open_input_file(corpus_file.path) as fh:
+        with filesystem.open_input_file(task.path) as fh:
             pfile = pq.ParquetFile(fh)
-            for rg in range(pfile.num_row_groups):
+            for rg in range(task.first_group, min(task.first_group + task.groups, pfile.num_row_groups)):
                 table = pfile.read_row_group(rg, columns=columns)
-                yield validate_table(table, cfg, corpus_file.index, offset)
+                yield validate_table(table, cfg, task.file_index, offset, dim)
                 offset += table.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
-        raise CorpusError(f"{display or corpus_file.path}: failed to read ({_first_line(exc)})") from None
+        raise CorpusError(f"{display or task.path}: failed to read ({_first_line(exc)})") from None
 
 
 def duplicate_orders(hashes: np.ndarray, orders: np.ndarray) -> np.ndarray:
@@ -259,3 +373,52 @@ def exact_duplicates(rows: pa.Table) -> set[int]:
         else:
             first[doc_id] = order
     return dups
+
+
+# Columns of the slim per-row keys the duplicate scan and the rejects need (no text, no vectors).
+KEY_COLUMNS = (DOC_ID, ID_HASH, ORDER, REASON, TEXT_TRUNCATED)
+
+
+def hash_partitions(keys: pa.Table, parts: int) -> list[pa.Table]:
+    """Valid rows of a keys table split by id hash, so every copy of an id lands in the same part."""
+    keys = keys.filter(pc.is_null(keys.column(REASON)))
+    part = keys.column(ID_HASH).to_numpy() % np.uint64(parts)
+    return [keys.filter(pa.array(part == p)) for p in range(parts)]
+
+
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Elementwise membership of ``values`` in a sorted array."""
+    if sorted_set.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
+    return sorted_set[pos] == values
+
+
+@dataclass(frozen=True)
+class DuplicateScan:
+    dups: np.ndarray  # order keys of rows whose id occurred earlier in file/row order
+    truncated: int  # accepted rows (duplicates aside) whose text was truncated
+    excluded: int  # accepted rows (duplicates aside) whose id hash is in the exclusion set
+
+
+def scan_partition(parts: list[pa.Table], excluded: np.ndarray) -> DuplicateScan:
+    """Exact duplicates and counts among the valid rows of one hash partition."""
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return DuplicateScan(np.empty(0, np.int64), 0, 0)
+    rows = pa.concat_tables(parts)
+    hashes, orders = rows.column(ID_HASH).to_numpy(), rows.column(ORDER).to_numpy()
+    colliding = duplicate_orders(hashes, orders)
+    dups = np.empty(0, np.int64)
+    if colliding.size:
+        same_hash = np.isin(hashes, hashes[np.isin(orders, colliding)])
+        dups = np.array(sorted(exact_duplicates(rows.filter(pa.array(same_hash)))), dtype=np.int64)
+    kept = ~np.isin(orders, dups)
+    truncated = rows.column(TEXT_TRUNCATED).to_numpy(zero_copy_only=False)
+    return DuplicateScan(dups, int((truncated & kept).sum()), int((in_sorted(hashes, excluded) & kept).sum()))
+
+
+def merge_scans(scans: list[DuplicateScan]) -> DuplicateScan:
+    dups = [s.dups for s in scans]
+    return DuplicateScan(np.sort(np.concatenate(dups)) if dups else np.empty(0, np.int64),
+                         sum(s.truncated for s in scans), sum(s.excluded for s in scans))

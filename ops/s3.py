@@ -23,20 +23,55 @@ from pydantic import Field, model_validator
 from labelnext.ops.settings import StageSettings
 
 
+# Timeouts of one small-object request (run claims, manifests, reports): they bound how long one claim renewal
+# can take, which the claim timeout must outlast.
+SMALL_OBJECT_CONNECT_TIMEOUT_S = 5.0
+SMALL_OBJECT_READ_TIMEOUT_S = 10.0
+# botocore's standard retry mode: the i-th retry sleeps up to min(2 ** (i - 1), 20) s (throttling scale), plus
+# up to 5 s more when S3 sends x-amz-retry-after.
+_BOTO_MAX_BACKOFF_S = 20.0
+_BOTO_RETRY_AFTER_EXTRA_S = 5.0
+
+
+def longest_retry_sequence_s(retries: int) -> float:
+    """The longest one small-object request can take with ``retries`` retries: every attempt times out and
+    every backoff is at its cap."""
+    backoff = sum(min(2.0 ** (i - 1), _BOTO_MAX_BACKOFF_S) + _BOTO_RETRY_AFTER_EXTRA_S for i in range(1, retries + 1))
+    return backoff + (retries + 1) * (SMALL_OBJECT_CONNECT_TIMEOUT_S + SMALL_OBJECT_READ_TIMEOUT_S)
+
+
 class StorageConfig(StageSettings):
-    """``storage``: the object store's endpoint, encryption, retries and run-claim timeout."""
+    """``storage``: the object store's endpoint, encryption, retries, run-claim timeout and filesystem sharing."""
 
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
     sse: Literal["none", "AES256", "aws:kms"] = "none"
     kms_key_id: Optional[str] = None
     retries: int = Field(default=5, ge=0)
-    lock_timeout_s: float = Field(default=300.0, gt=0, description="a run's claim is abandoned this long after its last heartbeat")
+    lock_timeout_s: float = Field(default=300.0, gt=0, description="a run's claim is abandoned this long after its last renewal")
+    shared_filesystem: bool = Field(
+        default=False, description="local paths (corpus, output, caches) are one shared filesystem (NFS, FSx) "
+                                   "that every node of a multi-node cluster sees")
 
     @model_validator(mode="after")
     def _kms_needs_key(self) -> "StorageConfig":
         if self.sse == "aws:kms" and not self.kms_key_id:
             raise ValueError("storage.kms_key_id is required when storage.sse is aws:kms")
+        return self
+
+    @model_validator(mode="after")
+    def _claim_outlasts_retries(self) -> "StorageConfig":
+        # A renewal starts lock_timeout_s / 5 after the last one and may retry for the longest sequence; the
+        # claim must still be unexpired when it lands, or a live run loses its claim to a slow store.
+        longest = longest_retry_sequence_s(self.retries)
+        needed = 1.25 * longest
+        if self.lock_timeout_s <= needed:
+            raise ValueError(
+                f"storage.lock_timeout_s={self.lock_timeout_s:g} must exceed {needed:.0f}s: a claim renewal with "
+                f"storage.retries={self.retries} can take up to {longest:.0f}s (every attempt timing out, botocore's "
+                "backoff at its cap), and it starts lock_timeout_s / 5 after the previous one; raise "
+                "storage.lock_timeout_s or lower storage.retries"
+            )
         return self
 
 # Parts stay in memory up to this size, then spill to a temporary file before the upload.
@@ -78,13 +113,16 @@ class S3Settings:
             args["SSEKMSKeyId"] = self.kms_key_id
         return args
 
-    def client(self) -> Any:
+    def client(self, *, small_objects: bool = False) -> Any:
+        """A boto3 S3 client; ``small_objects`` bounds each request's timeouts (claims, manifests, reports)."""
         import boto3
         from botocore.config import Config
 
+        timeouts = (dict(connect_timeout=SMALL_OBJECT_CONNECT_TIMEOUT_S, read_timeout=SMALL_OBJECT_READ_TIMEOUT_S)
+                    if small_objects else {})
         return boto3.client(
             "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-            config=Config(retries={"max_attempts": self.retries + 1, "mode": "standard"}),
+            config=Config(retries={"max_attempts": self.retries + 1, "mode": "standard"}, **timeouts),
         )
 
     def native_filesystem(self) -> pafs.S3FileSystem:

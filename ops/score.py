@@ -18,12 +18,12 @@ from typing import Optional, TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from labelnext.ops.entropy import EMPTY, hidden_entropy_nll, reduce_doc
+from labelnext.ops.entropy import hidden_entropy_nll, segment_stats
 from labelnext.ops.model_prep import prepare_model, resolve_device
 from labelnext.ops.score_inputs import bos_prefix, encode, text_token_ids
 from labelnext.ops.columns import DOC_ID, SCORE_COLUMNS, TEXT
 from labelnext.ops.contract import StageContract
-from labelnext.ops.score_settings import ScoreConfig
+from labelnext.ops.score_settings import ScoreConfig, batch_tokens_for, on_for
 
 if TYPE_CHECKING:
     import ray.data
@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 
 CONTRACT = StageContract("score", needs=(DOC_ID, TEXT), adds=SCORE_COLUMNS)
 BACKENDS = ("vllm", "transformers")
-# Bytes of float32 logits one output-head chunk may hold (one large matmul; the entropy statistics then run
-# over it in cache-sized row blocks, see ops.entropy).
-_LOGIT_CHUNK_BYTES = 1 << 27
+# Bytes of float32 logits one output-head chunk may hold (one large matmul; on CPU the entropy statistics then
+# run over it in cache-sized row blocks, see ops.entropy). A GPU takes larger chunks: fewer kernel launches.
+_CPU_LOGIT_CHUNK_BYTES = 1 << 27
+_GPU_LOGIT_CHUNK_BYTES = 1 << 30
+# Positions of per-document hidden states (backends without whole-batch output) gathered before the head runs.
+_GROUP_CHUNKS = 4
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
@@ -89,11 +92,14 @@ class Scorer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.window = model_window(self.model_dir, cfg.max_tokens)
+        self.batch_tokens = batch_tokens_for(cfg, self.device)
         self.backend = choose_backend(cfg.backend)
         self.engine = self._build_engine()
-        self.chunk = max(16, _LOGIT_CHUNK_BYTES // (4 * self.engine.head.vocab_size))
-        log.info("scorer: %s backend on %s (%s), window %d tokens", self.backend, self.device,
-                 str(self.dtype).removeprefix("torch."), self.window)
+        chunk_bytes = _CPU_LOGIT_CHUNK_BYTES if self.device == "cpu" else _GPU_LOGIT_CHUNK_BYTES
+        self.chunk = max(16, chunk_bytes // (4 * self.engine.head.vocab_size))
+        log.info("scorer: %s backend on %s (%s), window %d tokens, %d tokens per batch%s", self.backend,
+                 self.device, str(self.dtype).removeprefix("torch."), self.window, self.batch_tokens,
+                 ", packed rows" if getattr(self.engine, "packed", False) else "")
 
     def _build_engine(self):
         if self.backend == "transformers":
@@ -105,13 +111,15 @@ class Scorer:
                 # Use the CPUs the stage reserves (resources.score.num_cpus), as a Ray actor would via
                 # OMP_NUM_THREADS; more threads than reserved cores only contend with the pipeline's other workers.
                 torch.set_num_threads(min(torch.get_num_threads(), max(1, int(self.num_cpus))))
-            return HFBackend(self.model_dir, device=self.device, dtype=self.dtype, batch_tokens=self.cfg.batch_tokens)
+            return HFBackend(self.model_dir, device=self.device, dtype=self.dtype, batch_tokens=self.batch_tokens,
+                             window=self.window, packing=on_for(self.cfg.packing, self.device),
+                             compile=on_for(self.cfg.compile, self.device))
         if self.backend == "vllm":
             from labelnext.ops.score_vllm import VLLMBackend
 
             return VLLMBackend(
                 self.model_dir, device=self.device, dtype=self.dtype, window=self.window,
-                batch_tokens=self.cfg.batch_tokens, tensor_parallel_size=self.tensor_parallel_size,
+                batch_tokens=self.batch_tokens, tensor_parallel_size=self.tensor_parallel_size,
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
             )
         raise ValueError(f"unknown score.backend {self.backend!r}; expected one of {BACKENDS}")
@@ -120,42 +128,58 @@ class Scorer:
         import torch
 
         enc = encode(self.tokenizer, texts, window=self.window, truncation=self.cfg.truncation)
-        stats = [EMPTY] * len(texts)
+        stats = np.full((len(texts), 3), np.nan)
+        n_tokens = np.zeros(len(texts), dtype=np.int64)
         todo = [i for i, ids in enumerate(enc.ids) if len(ids) >= 2]
         seqs = [enc.ids[i] for i in todo]
-        # Positions of several short documents go through the output head together (one large matmul per
-        # chunk instead of many small ones); pending hidden states stay bounded by a few chunks.
-        pending: list[tuple[int, torch.Tensor]] = []
-        pending_positions = 0
-
-        def flush() -> None:
-            nonlocal pending_positions
-            if not pending:
-                return
-            device = self.engine.head.device
-            hidden = torch.cat([h.to(device) for _, h in pending])
-            targets = torch.cat([torch.as_tensor(seqs[j][1:]) for j, _ in pending]).to(device)
-            entropy, nll = hidden_entropy_nll(hidden, targets, head=self.engine.head, chunk=self.chunk)
-            sizes = [h.shape[0] for _, h in pending]
-            for (j, _), e, n in zip(pending, entropy.split(sizes), nll.split(sizes)):
-                stats[todo[j]] = reduce_doc(e, n)
-            pending.clear()
-            pending_positions = 0
-
         with torch.inference_mode():
-            for j, hidden in self.engine.hidden_states(seqs):
-                pending.append((j, hidden[:-1]))  # position t predicts token t + 1; the last has no target
-                pending_positions += hidden.shape[0] - 1
-                if pending_positions >= 4 * self.chunk:
-                    flush()
-            flush()
+            for group, hidden in self._hidden_batches(seqs):
+                rows = [todo[j] for j in group]
+                stats[rows] = self._batch_stats([seqs[j] for j in group], hidden)
+                n_tokens[rows] = [len(seqs[j]) - 1 for j in group]
         return {
-            "uncertainty": np.array([s.mean_entropy for s in stats], dtype=np.float32),
-            "max_entropy": np.array([s.max_entropy for s in stats], dtype=np.float32),
-            "nll": np.array([s.nll for s in stats], dtype=np.float32),
-            "n_tokens": np.array([s.n_tokens for s in stats], dtype=np.int64),
+            "uncertainty": stats[:, 0].astype(np.float32),
+            "max_entropy": stats[:, 1].astype(np.float32),
+            "nll": stats[:, 2].astype(np.float32),
+            "n_tokens": n_tokens,
             "truncated": np.array(enc.truncated, dtype=bool),
         }
+
+    def _hidden_batches(self, seqs: list[list[int]]):
+        """``(indices, hidden)`` batches, documents back to back; per-document backends are grouped here so
+        the head runs on large blocks of positions."""
+        import torch
+
+        if hasattr(self.engine, "hidden_batches"):
+            yield from self.engine.hidden_batches(seqs)
+            return
+        group, parts, positions = [], [], 0
+        for j, hidden in self.engine.hidden_states(seqs):
+            group.append(j)
+            parts.append(hidden)
+            positions += hidden.shape[0]
+            if positions >= _GROUP_CHUNKS * self.chunk:
+                yield group, torch.cat(parts)
+                group, parts, positions = [], [], 0
+        if group:
+            yield group, torch.cat(parts)
+
+    def _batch_stats(self, seqs: list[list[int]], hidden: "torch.Tensor") -> np.ndarray:
+        """``[mean entropy, max entropy, mean NLL]`` per document of a batch: position ``t`` predicts token
+        ``t + 1`` of the same document (a document's last position has no target). Computed on the head's
+        device with one copy to the host per batch."""
+        import torch
+
+        device = self.engine.head.device
+        lengths = torch.tensor([len(s) for s in seqs])
+        ids = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])).to(device)
+        last = torch.cumsum(lengths, 0).to(device) - 1
+        predicts = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
+        predicts[last] = False
+        targets = ids.roll(-1)[predicts]
+        entropy, nll = hidden_entropy_nll(hidden.to(device)[predicts], targets, head=self.engine.head,
+                                          chunk=self.chunk)
+        return segment_stats(entropy, nll, lengths - 1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = ["" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t) for t in batch["text"]]
@@ -177,10 +201,10 @@ class _ScoreActor(Scorer):
         super().__init__(cfg, device, num_cpus=num_cpus, tensor_parallel_size=tensor_parallel_size)
 
 
-def docs_per_batch(cfg: ScoreConfig) -> int:
+def docs_per_batch(cfg: ScoreConfig, device: str = "cpu") -> int:
     # A few token budgets' worth of documents per Ray batch: enough to sort by length and keep the engine
     # busy, small enough that a few hundred candidates still spread over the actor pool.
-    return max(32, 4 * cfg.batch_tokens // cfg.max_tokens)
+    return max(32, 4 * batch_tokens_for(cfg, device) // cfg.max_tokens)
 
 
 def score_dataset(
@@ -207,7 +231,7 @@ def score_dataset(
         instrumented(_ScoreActor),
         fn_constructor_kwargs={"cfg": cfg, "device": device, "num_cpus": num_cpus,
                                "tensor_parallel_size": tensor_parallel_size},
-        batch_size=docs_per_batch(cfg),
+        batch_size=docs_per_batch(cfg, device),
         compute=ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus if use_gpu else 0,
         num_cpus=num_cpus,

@@ -1,4 +1,4 @@
-"""Scoring inputs: raw text -> token ids fed to the LLM (BOS, truncation), and token-budget batches.
+"""Scoring inputs: text -> LLM token ids (BOS, truncation), token-budget batches and packed rows.
 
 Both backends receive the same ids from here, so their scores are comparable token for token.
 The chat template is never applied: documents are scored as plain text.
@@ -90,3 +90,28 @@ def split_by_tokens(lengths: Sequence[int], group_tokens: int) -> list[list[int]
     if current:
         groups.append(current)
     return groups
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: index rows of at most ``width`` tokens each, every sequence in exactly one row.
+
+    Several documents share a row (kept apart by their position ids), so a batch of rows carries almost no
+    padding. A sequence longer than ``width`` gets a row of its own.
+    """
+    import numpy as np
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    free = np.empty(len(lengths), dtype=np.int64)  # remaining room per open row (at most one row per item)
+    rows: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        fits = np.flatnonzero(free[: len(rows)] >= n) if rows else ()
+        if len(fits):
+            r = int(fits[0])
+        else:
+            r = len(rows)
+            rows.append([])
+            free[r] = max(width, n)
+        rows[r].append(i)
+        free[r] -= n
+    return rows

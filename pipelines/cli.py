@@ -25,6 +25,8 @@ ConfigOpt = typer.Option(None, "--config", help="run config: a packaged name (lo
                          "YAML file (default: local)")
 RunIdOpt = typer.Option(None, "--run-id", help="run id (default: a new id)")
 RunDateOpt = typer.Option(None, "--run-date", help="YYYY-MM-DD (default: today)")
+LabelsOpt = typer.Option(None, "--labels", help="labels returned so far: Parquet file or prefix, local or s3:// "
+                         "(columns input.label_id_column, input.label_column); same as --set input.labels=...")
 SetOpt = typer.Option(None, "--set", help="override a config key: --set cluster.k=64 (repeatable)")
 
 
@@ -94,6 +96,7 @@ def run(
     run_id: Optional[str] = RunIdOpt,
     run_date: Optional[str] = RunDateOpt,
     set_: Optional[List[str]] = SetOpt,
+    labels: Optional[str] = LabelsOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the selection pipeline and commit its outputs."""
@@ -106,6 +109,8 @@ def run(
     _hide_ray_data_tracebacks(verbose)
     try:
         cfg = load_config(config, set_ or [])
+        if labels is not None:
+            cfg.input.labels = labels
         if budget < 1:
             raise ValueError(f"--budget must be a positive integer, got {budget}")
         if run_id is not None:
@@ -114,6 +119,9 @@ def run(
             validate_run_date(run_date)
     except (ConfigError, ValueError) as exc:
         fail(one_line(exc))
+    from labelnext.pipelines.jobs import leave_job_working_dir
+
+    corpus, output, cfg.input.labels = leave_job_working_dir(corpus, output, cfg.input.labels)
     request = RunRequest(corpus=corpus, output=output, budget=budget, run_id=run_id, run_date=run_date)
     expected = (ConfigError, CorpusError, PipelineError, PlacementError, StorageError, ValueError, OSError)
     try:
@@ -133,15 +141,43 @@ def run(
 
 
 @app.command()
-def report(run_uri: str = typer.Argument(..., help="a committed run's folder or s3:// prefix")) -> None:
+def report(
+    run_uri: str = typer.Argument(..., help="a committed run's folder or s3:// prefix"),
+    open_: bool = typer.Option(False, "--open", help="write report.html to a local file (the run's own for a "
+                               "local run, a temporary file for s3://) and print its path"),
+) -> None:
     """Print a committed run's cost headline and per-stage table."""
-    from labelnext.pipelines.report import load_run_report, print_report
+    from labelnext.ops.objects import StorageError
+    from labelnext.pipelines.report import load_run_report, local_html_report, print_report
 
     try:
         cost = load_run_report(run_uri)
-    except (FileNotFoundError, ValueError) as exc:
+        page = local_html_report(run_uri) if open_ else None
+    except (FileNotFoundError, ValueError, StorageError) as exc:
         fail(str(exc), code=1)
     print_report(cost, out)
+    if page is not None:
+        out.print(f"report: {page}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def export(
+    run_uri: str = typer.Argument(..., help="a committed run's folder or s3:// prefix"),
+    format_: str = typer.Option(..., "--format", help="label-studio | argilla | jsonl"),
+    output: str = typer.Option(..., "--output", help="file or s3:// key to write"),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="read texts from this corpus instead of the one "
+                                         "the manifest records (when the run did not keep texts)"),
+) -> None:
+    """Write a committed run's selected documents in an annotation tool's import format."""
+    from labelnext.ops.objects import StorageError
+    from labelnext.ops.read import CorpusError
+    from labelnext.pipelines.export import ExportError, export_run
+
+    try:
+        uri, rows = export_run(run_uri, format_, output, corpus)
+    except (ExportError, CorpusError, StorageError, OSError) as exc:
+        fail(one_line(exc), code=1)
+    out.print(f"wrote {rows} documents ({format_}) to {uri}", soft_wrap=True, highlight=False)
 
 
 @app.command("sample-corpus")

@@ -2,24 +2,29 @@
 
 Readers trust a run only when its manifest exists. An attempt first claims the run id (``labelnext.pipelines.run_lock``), so
 two attempts of one run id never both commit. A rerun then removes the old manifest (so readers stop trusting
-the old files), its ledger entry and the old files, and writes everything anew; the manifest is written only
-after the attempt has confirmed that it still holds the claim.
+the old files), its ledger entry and the old files, and writes everything anew. Before each destructive step
+(clearing, the ledger entry, the reports, the manifest) the attempt proves with a conditional write that it
+still holds the claim, so an attempt that stalled while another took over cannot delete or replace the other's
+run. The manifest lists exactly the files this attempt wrote, each checked to exist.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
 import logging
 import math
 import os
 import platform
+import signal
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from labelnext.ops import storage
+from labelnext.ops.objects import StorageError
 from labelnext.pipelines import ledger
 from labelnext.pipelines.run_lock import RunClaim
 from labelnext.ops.storage import RunLayout
@@ -60,11 +65,30 @@ def json_safe(obj: Any) -> Any:
 
 
 def fault_point(name: str) -> None:
-    """Test hook: ``LABELNEXT_FAULT=<name>`` ends the process here as a kill would (no cleanup, claim kept)."""
+    """Test hooks: ``LABELNEXT_FAULT=<name>`` ends the process here as a kill would (no cleanup, claim kept);
+    ``LABELNEXT_STALL=<name>`` stops it here (SIGSTOP, heartbeat included) until it gets SIGCONT, as a frozen
+    VM or a long pause would."""
     if os.environ.get("LABELNEXT_FAULT") == name:
         log.error("LABELNEXT_FAULT=%s: exiting without cleanup", name)
         logging.shutdown()
         os._exit(FAULT_EXIT_CODE)
+    if os.environ.get("LABELNEXT_STALL") == name:
+        log.warning("LABELNEXT_STALL=%s: stopped until SIGCONT", name)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def write_block(table: pa.Table, filesystem, folder: str, attempt: str) -> pa.Table:
+    """Ray Data batch function: one Parquet file per block, named by the attempt and the block's content (a
+    retried task rewrites the same file); returns the file's path and rows."""
+    if table.num_rows == 0:
+        return pa.table({"path": pa.array([], pa.string()), "rows": pa.array([], pa.int64())})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
+    digest = hashlib.sha256(sink.getvalue()).hexdigest()[:16]
+    path = f"{folder}/part-{attempt}-{digest}.parquet"
+    storage.write_parquet(filesystem, path, table)
+    return pa.table({"path": [path], "rows": pa.array([table.num_rows], pa.int64())})
 
 
 class RunWriter:
@@ -74,14 +98,17 @@ class RunWriter:
     that lost its claim) are removed so the folder holds exactly what the manifest lists.
     """
 
-    def __init__(self, layout: RunLayout, cfg: RunConfig):
+    def __init__(self, layout: RunLayout, cfg: RunConfig, corpus: str | None = None):
         self.layout = layout
         self.cfg = cfg
+        self.corpus = corpus  # recorded in the manifest: `labelnext export` reads selected texts from it
         self.fs = layout.fs
         self.claim = RunClaim(layout.objects, layout.claim_path, layout.uri(), cfg.storage.lock_timeout_s)
         self.attempt = self.claim.attempt
         self.started_at = dt.datetime.now(dt.timezone.utc)
         self.ledger_entry: dict[str, Any] | None = None
+        self.written: list[str] = []  # every file of the run folder this attempt wrote, in write order
+        self.report_view = None  # what report.html shows about the selection, gathered in write_outputs
 
     def begin(self) -> None:
         """Claim the run id. An earlier committed attempt stays readable until this one has its outputs."""
@@ -90,6 +117,7 @@ class RunWriter:
 
     def clear_previous(self) -> None:
         """Clear any earlier attempt of this run id: manifest first, then its ledger entry and data."""
+        self.claim.refresh()
         manifest = self.layout.path(MANIFEST)
         if storage.exists(self.fs, manifest):
             log.info("run %s exists: replacing it", self.layout.uri())
@@ -104,20 +132,32 @@ class RunWriter:
     def _part(self, folder: str) -> str:
         return self.layout.path(f"{folder}/part-{self.attempt}.parquet")
 
-    def _write_dataset(self, ds, folder: str) -> None:
-        from ray.data.datasource import FilenameProvider
+    def _write(self, path: str, table: pa.Table) -> None:
+        storage.write_parquet(self.fs, path, table)
+        self.written.append(path)
 
-        names = FilenameProvider(dataset_uuid=f"part-{self.attempt}", file_format="parquet")
-        ds.write_parquet(self.layout.path(folder), filesystem=self.fs, filename_provider=names)
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """A small table at the run folder's root (after ``write_outputs``; listed in the manifest)."""
+        self._write(self.layout.path(name), table)
+
+    def _write_dataset(self, ds, folder: str) -> None:
+        from labelnext.pipelines.dataflow import collect
+
+        kwargs = {"filesystem": self.fs, "folder": self.layout.path(folder), "attempt": self.attempt}
+        files = collect(ds.map_batches(write_block, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow"))
+        if files.num_rows:
+            self.written += files.column("path").to_pylist()
 
     def write_outputs(self, *, selected: pa.Table, scores: pa.Table, assigned, rejected, centroids: np.ndarray,
-                      sizes: np.ndarray) -> None:
-        self.claim.ensure_held()
+                      sizes: np.ndarray, candidate_texts: pa.Table | None = None, corpus_texts=None) -> None:
+        """``candidate_texts`` (doc_id, text) and ``corpus_texts`` (a dataset of them) give report.html the
+        texts it quotes; only the quoted ones are read from ``corpus_texts``."""
+        fault_point("before_clear")
         self.clear_previous()
-        layout, fs = self.layout, self.fs
-        storage.write_parquet(fs, self._part("selected"), selected)
-        storage.write_parquet(fs, self._part("scores"), scores)
-        storage.write_parquet(fs, layout.path("centroids.parquet"), pa.table({
+        layout = self.layout
+        self._write(self._part("selected"), selected)
+        self._write(self._part("scores"), scores)
+        self._write(layout.path("centroids.parquet"), pa.table({
             "cluster_id": pa.array(np.arange(len(centroids), dtype=np.int32)),
             "size": pa.array(np.asarray(sizes, dtype=np.int64)),
             "centroid": pa.array(centroids.tolist(), pa.list_(pa.float32(), centroids.shape[1])),
@@ -127,11 +167,24 @@ class RunWriter:
         if rejected.count():
             self._write_dataset(rejected, "rejects")
         else:
-            storage.write_parquet(fs, self._part("rejects"), pa.table({
+            self._write(self._part("rejects"), pa.table({
                 "doc_id": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
                 "source_file": pa.array([], pa.string()), "row": pa.array([], pa.int64())}))
         if self.cfg.output.ledger:
+            self.claim.refresh()
             self.ledger_entry = ledger.write_entry(layout, selected.column("doc_id"), self.attempt)
+        self.report_view = self._report_view(selected, scores, assigned, centroids, sizes, candidate_texts,
+                                             corpus_texts)
+
+    def _report_view(self, selected, scores, assigned, centroids, sizes, candidate_texts, corpus_texts):
+        from labelnext.pipelines.report_data import gather_report_view
+
+        try:
+            return gather_report_view(selected, scores, assigned, centroids, sizes, self.cfg.select.seed,
+                                      candidate_texts, corpus_texts)
+        except Exception as exc:  # the page then shows costs only, rather than failing a finished run
+            log.warning("report.html: could not gather the selection view: %s", exc)
+            return None
 
     def scoring_model_params(self) -> float | None:
         from labelnext.ops.model_prep import parameter_count
@@ -143,24 +196,33 @@ class RunWriter:
             return None
 
     def _drop_strays(self) -> None:
+        """Remove files this attempt did not write (a stalled attempt's parts) so the folder is what the
+        manifest lists."""
+        ours = set(self.written) | {self.layout.path(MANIFEST)}
         for path in storage.list_files(self.fs, self.layout.prefix):
-            rel = self.layout.relative(path)
-            if "/" in rel and self.attempt not in rel.rsplit("/", 1)[-1]:
-                log.warning("removing %s: written by another attempt of this run", self.layout.uri(rel))
+            if path not in ours:
+                log.warning("removing %s: written by another attempt of this run", self.layout.uri(self.layout.relative(path)))
                 self.layout.objects.delete(path)
 
-    def commit(self, report: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
-        self.claim.ensure_held()
+    def _file_entries(self) -> list[dict[str, Any]]:
+        entries = []
+        for path in sorted(set(self.written)):
+            if not storage.exists(self.fs, path):
+                raise StorageError(f"{self.layout.uri(self.layout.relative(path))}: written by this attempt but "
+                                   "missing now; not committing")
+            entries.append(storage.file_entry(self.fs, path, self.layout.relative(path)))
+        return entries
+
+    def commit(self, report: dict[str, Any], counts: dict[str, int],
+               task_model: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.claim.refresh()
         layout, objects = self.layout, self.layout.objects
         storage.write_json(objects, layout.path(COST_REPORT), json_safe(report))
-        page = render_html(json_safe(report), counts, layout.run_id, layout.run_date)
+        page = render_html(json_safe(report), counts, layout.run_id, layout.run_date, self.report_view)
         objects.put(layout.path(HTML_REPORT), page.encode("utf-8"), content_type="text/html; charset=utf-8")
+        self.written += [layout.path(COST_REPORT), layout.path(HTML_REPORT)]
         self._drop_strays()
-        files = [
-            storage.file_entry(self.fs, path, layout.relative(path))
-            for path in storage.list_files(self.fs, layout.prefix)
-            if layout.relative(path) != MANIFEST
-        ]
+        files = self._file_entries()
         manifest = json_safe({
             "run_id": layout.run_id,
             "run_date": layout.run_date,
@@ -169,9 +231,11 @@ class RunWriter:
             "started_at": self.started_at.isoformat(),
             "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "output": layout.uri(),
+            "corpus": self.corpus,
             "files": files,
             "ledger": self.ledger_entry,
             "counts": counts,
+            "task_model": task_model,  # the nightly label loop; None on a cold start
             "config": self.cfg.model_dump(mode="json"),
             "models": {"encoder": self.cfg.embed.model, "scorer": self.cfg.score.model},
             "versions": package_versions(),

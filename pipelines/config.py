@@ -79,7 +79,11 @@ class CostConfig(_Section):
     cpu_hour_usd: float = Field(default=0.05, ge=0)
     label_usd: float = Field(default=0.10, ge=0)
     reference_params: float = Field(default=70e9, gt=0, description="parameter count of the big-model counterfactual")
-    token_sample: int = Field(default=256, gt=0, description="documents tokenised to estimate corpus tokens")
+    reference_gpu_tflops: float = Field(default=989.0, gt=0, description="dense bf16 peak TFLOP/s of the GPU priced "
+                                        "at gpu_hour_usd (H100 SXM: 989), for the big-model counterfactual")
+    reference_mfu: float = Field(default=0.4, gt=0, le=1, description="model FLOPs utilisation the big-model "
+                                 "counterfactual assumes for a prefill-only pass")
+    token_sample: int = Field(default=256, gt=0, description="documents drawn at random (seeded) to estimate corpus tokens")
 
 
 class RayConfig(_Section):

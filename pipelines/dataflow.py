@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -17,11 +18,13 @@ import pyarrow as pa
 
 from labelnext.ops import read as rd
 from labelnext.ops.cluster import rand_keys, train_kmeans
-from labelnext.ops.columns import CLUSTER_ID, DOC_ID, EMBEDDING
+from labelnext.ops.candidates import CandidatePlan, block_candidates, merge_candidates
+from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
 from labelnext.ops.contract import StageContract
-from labelnext.ops.instrument import NODE_ID
+from labelnext.ops.instrument import BUSY_S, NODE_ID
 from labelnext.ops.quiet import quiet_third_party, worker_env
 from labelnext.pipelines.config import RunConfig
+from labelnext.pipelines.telemetry import count_driver_rows
 
 
 def columns_of(data) -> list[str]:
@@ -40,19 +43,63 @@ def check_output(contract: StageContract, data) -> None:
     contract.check_output(columns_of(data))
 
 
-def read_files(batch: dict[str, np.ndarray], filesystem, cfg, prefix: str):
-    for index, path, rows in zip(batch["index"], batch["path"], batch["rows"]):
-        yield from rd.read_file(filesystem, rd.CorpusFile(int(index), str(path), int(rows)), cfg, prefix + str(path))
+def _python(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_tasks(batch: dict[str, np.ndarray], filesystem, cfg, prefix: str, dim: Optional[int]):
+    for i in range(len(batch["path"])):
+        task = rd.ReadTask(**{name: _python(batch[name][i]) for name in rd.ReadTask.__dataclass_fields__})
+        yield from rd.read_part(filesystem, task, cfg, prefix + task.path, dim)
+
+
+def read_corpus(tasks: list, filesystem, cfg, prefix: str, dim: Optional[int]):
+    """Every corpus row validated, as a lazy dataset: one Ray task per run of row groups (``rd.read_tasks``),
+    so a big file is read in parallel. Each consumer reads the corpus again instead of pinning a copy."""
+    import dataclasses
+
+    import ray
+
+    items = ray.data.from_items([dataclasses.asdict(t) for t in tasks], override_num_blocks=len(tasks))
+    return items.map_batches(read_tasks, batch_size=1, batch_format="numpy",
+                             fn_kwargs={"filesystem": filesystem, "cfg": cfg, "prefix": prefix, "dim": dim})
+
+
+def _split_keys(keys: pa.Table, parts: int):
+    split = rd.hash_partitions(keys, parts)
+    return split[0] if parts == 1 else tuple(split)
+
+
+def _scan_partition(excluded: np.ndarray, *parts: pa.Table) -> rd.DuplicateScan:
+    return rd.scan_partition(list(parts), excluded)
+
+
+def duplicate_scan(keys, excluded: np.ndarray, rows: int) -> rd.DuplicateScan:
+    """Exact duplicate ids and the accepted rows' counts, as a hash shuffle of the slim keys over Ray tasks:
+    the driver holds object refs, and gets back only the duplicates' order keys and two counts per part."""
+    import ray
+
+    parts = max(1, min(64, -(-rows // 500_000)))
+    split = ray.remote(_split_keys).options(num_returns=parts)
+    pieces = [split.remote(ref, parts) for ref in keys.to_arrow_refs()]
+    if parts == 1:
+        pieces = [[p] for p in pieces]
+    scan = ray.remote(_scan_partition)
+    excluded_ref = ray.put(excluded)
+    scans = ray.get([scan.remote(excluded_ref, *[p[i] for p in pieces]) for i in range(parts)])
+    merged = rd.merge_scans(scans)
+    count_driver_rows(merged.dups.size + parts)
+    return merged
 
 
 def mark_duplicates(table: pa.Table, dups: np.ndarray) -> pa.Table:
     if dups.size == 0 or table.num_rows == 0:
         return table
-    orders = table.column(rd.ORDER).to_numpy()
-    is_dup = np.isin(orders, dups)
-    reasons = np.array(table.column(rd.REASON).to_pylist(), dtype=object)
-    reasons[is_dup & (reasons == None)] = rd.REJECT_DUPLICATE  # noqa: E711 (elementwise)
-    return table.set_column(table.schema.get_field_index(rd.REASON), rd.REASON, pa.array(reasons.tolist(), pa.string()))
+    reasons = table.column(rd.REASON)
+    is_dup = pa.array(np.isin(table.column(rd.ORDER).to_numpy(), dups))
+    reasons = pa.compute.if_else(pa.compute.and_(is_dup, pa.compute.is_null(reasons)),
+                                 pa.scalar(rd.REJECT_DUPLICATE, pa.string()), reasons)
+    return table.set_column(table.schema.get_field_index(rd.REASON), rd.REASON, reasons)
 
 
 def reject_rows(table: pa.Table, files: list[str]) -> pa.Table:
@@ -60,8 +107,8 @@ def reject_rows(table: pa.Table, files: list[str]) -> pa.Table:
     return pa.table({
         DOC_ID: table.column(DOC_ID),
         "reason": table.column(rd.REASON),
-        "source_file": pa.array([files[int(o >> 40)] for o in orders], pa.string()),
-        "row": pa.array((orders & ((1 << 40) - 1)).astype(np.int64)),
+        "source_file": pa.array([files[int(o >> rd.ROW_BITS)] for o in orders], pa.string()),
+        "row": pa.array((orders & ((1 << rd.ROW_BITS) - 1)).astype(np.int64)),
     })
 
 
@@ -75,56 +122,127 @@ def unique_nodes(table: pa.Table) -> pa.Table:
 
 
 def collect(ds) -> pa.Table:
-    """A dataset's rows on the driver, as one table; only for datasets sized by the budget or k."""
+    """A dataset's rows on the driver, as one table; only for datasets sized by the budget or k.
+
+    Every row the pipeline brings to the driver comes through here or :func:`take` and is counted in the
+    cost report's ``driver.rows_collected``.
+    """
     import ray
 
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    count_driver_rows(sum(t.num_rows for t in tables))
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
 
-def valid_keys(validated) -> tuple[np.ndarray, np.ndarray]:
-    """(id hash, order) of every valid row: two int64 per document, for the exact duplicate check."""
-    hashes, orders = [], []
-    for batch in validated.select_columns([rd.ID_HASH, rd.ORDER, rd.REASON]).iter_batches(batch_format="pyarrow"):
-        ok = pa.compute.is_null(batch.column(rd.REASON))
-        batch = batch.filter(ok)
-        hashes.append(batch.column(rd.ID_HASH).to_numpy())
-        orders.append(batch.column(rd.ORDER).to_numpy())
-    if not hashes:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    return np.concatenate(hashes), np.concatenate(orders)
+def _keep_ids(table: pa.Table, ids) -> pa.Table:
+    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        import ray
+
+        ids = ray.get(ids)
+    return table.filter(pa.compute.is_in(table.column(DOC_ID), value_set=ids))
+
+
+def rows_for_ids(ds, ids, columns: list[str]) -> pa.Table:
+    """``columns`` of the rows of ``ds`` whose doc_id is in ``ids``: a distributed filter, so only those rows
+    (candidate-sized) reach the driver."""
+    import ray
+
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    return collect(ds.select_columns(columns).map_batches(_keep_ids, fn_kwargs={"ids": ray.put(ids.unique())},
+                                                          batch_format="pyarrow"))
+
+
+def take(ds, n: int) -> pa.Table:
+    """The first ``n`` rows of a dataset on the driver (counted like :func:`collect`)."""
+    return collect(ds.limit(n))
+
+
+def as_embedded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Vectors the corpus carried, in the embed stage's output shape (a 2-d tensor, node and busy columns)."""
+    import ray
+
+    vectors = batch[EMBEDDING]
+    if vectors.dtype == object:
+        vectors = np.stack(vectors) if len(vectors) else np.zeros((0, 1), np.float32)
+    n = len(batch[DOC_ID])
+    return {DOC_ID: batch[DOC_ID], EMBEDDING: np.ascontiguousarray(vectors, dtype=np.float32),
+            NODE_ID: np.full(n, ray.get_runtime_context().get_node_id(), dtype=object),
+            BUSY_S: np.zeros(n, dtype=np.float64)}
 
 
 _SAMPLE_SALT = 7919  # the training sample is drawn apart from the candidates' diverse share (select.seed)
 
 
-def _hash_sample(batch: dict[str, np.ndarray], seed: int, cutoff: int) -> dict[str, np.ndarray]:
-    keep = rand_keys([str(d) for d in batch[DOC_ID]], seed) < cutoff
-    return {name: values[keep] for name, values in batch.items()}
+@dataclass(frozen=True)
+class TrainingSample:
+    """The k-means training rows, left in the object store: the training task gathers them, not the driver.
+
+    ``shape`` and ``len`` are those of the array :meth:`gather` builds inside the task.
+    """
+
+    refs: tuple  # object refs of the embedded dataset's blocks
+    rows: int
+    dim: int
+    salt: int
+    cutoff: Optional[int]  # keep rows whose seeded key is below it; None keeps every row
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.dim)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def gather(self) -> np.ndarray:
+        """The chosen rows ordered by the seeded hash of doc_id, cut to ``rows``."""
+        import ray
+
+        keys, vectors = [np.zeros(0, np.int64)], [np.zeros((0, self.dim), np.float32)]
+        for table in ray.get(list(self.refs)):
+            key = rand_keys([str(d) for d in table.column(DOC_ID).to_pylist()], self.salt)
+            keep = key < self.cutoff if self.cutoff is not None else np.ones(len(key), dtype=bool)
+            keys.append(key[keep])
+            vectors.append(_vectors(table)[keep])
+        return np.concatenate(vectors)[np.argsort(np.concatenate(keys), kind="stable")[:self.rows]]
 
 
-def training_sample(embedded, n: int, sample_n: int, k: int, seed: int) -> np.ndarray:
+def _vectors(table: pa.Table) -> np.ndarray:
+    from ray.data.block import BlockAccessor
+
+    vectors = BlockAccessor.for_block(table.select([EMBEDDING])).to_numpy(EMBEDDING)
+    return np.ascontiguousarray(np.stack(vectors) if vectors.dtype == object else vectors, dtype=np.float32)
+
+
+def _count_sample(table: pa.Table, seed: int, cutoff: int) -> pa.Table:
+    keep = rand_keys([str(d) for d in table.column(DOC_ID).to_pylist()], seed) < cutoff
+    return pa.table({"rows": pa.array([int(keep.sum())], pa.int64())})
+
+
+def training_sample(embedded, n: int, sample_n: int, k: int, seed: int) -> TrainingSample:
     """k-means rows chosen and ordered by a seeded hash of doc_id, whatever the block layout.
 
     faiss k-means depends on the order of its training rows and Ray Data hands blocks over in completion
     order, so both the choice and the order must come from the documents themselves for a reproducible run.
+    The sample (256 x k rows: about 1.5 GB at k = 4,000) never passes through the driver or a second copy in
+    the object store: the training task filters the embedded blocks itself. ``embedded`` is materialised.
     """
     salt = seed + _SAMPLE_SALT
-    source = embedded.select_columns([DOC_ID, EMBEDDING])
+    cutoff, rows = None, n
     if sample_n < n:
         cutoff = int(min(1.0, 1.2 * sample_n / n) * 2**53)  # rand_keys are 53-bit
-        source = source.map_batches(_hash_sample, fn_kwargs={"seed": salt, "cutoff": cutoff}, batch_format="numpy")
-    batches = [b for b in source.iter_batches(batch_format="numpy") if len(b[DOC_ID])]
-    if sum(len(b[DOC_ID]) for b in batches) < k:
-        batches = list(embedded.select_columns([DOC_ID, EMBEDDING]).iter_batches(batch_format="numpy"))
-    ids = [str(d) for b in batches for d in b[DOC_ID]]
-    vectors = np.concatenate([b[EMBEDDING] for b in batches])
-    return vectors[np.argsort(rand_keys(ids, salt), kind="stable")[:sample_n]]
+        counts = collect(embedded.select_columns([DOC_ID]).map_batches(
+            _count_sample, fn_kwargs={"seed": salt, "cutoff": cutoff}, batch_format="pyarrow"))
+        rows = int(pa.compute.sum(counts.column("rows")).as_py() or 0)
+        if rows < k:
+            cutoff, rows = None, n
+    dim = embedded.schema().base_schema.field(EMBEDDING).type.shape[0]
+    return TrainingSample(tuple(embedded.to_arrow_refs()), min(sample_n, rows), int(dim), salt, cutoff)
 
 
-def train_remote(sample: np.ndarray, k: int, cluster_cfg, use_gpu: bool, init: Optional[np.ndarray] = None):
+def train_remote(sample, k: int, cluster_cfg, use_gpu: bool, init: Optional[np.ndarray] = None):
     quiet_third_party()
-    return train_kmeans(sample, k, cluster_cfg, use_gpu=use_gpu, init_centroids=init)
+    vectors = sample.gather() if isinstance(sample, TrainingSample) else sample
+    return train_kmeans(vectors, k, cluster_cfg, use_gpu=use_gpu, init_centroids=init)
 
 
 def attach_columns(left: pa.Table, right: pa.Table) -> pa.Table:
@@ -136,6 +254,45 @@ def attach_columns(left: pa.Table, right: pa.Table) -> pa.Table:
         if name != DOC_ID:
             out = out.append_column(name, right.column(name).take(rows))
     return out
+
+
+# -- candidates: the per-cluster top-k and the join back, both distributed --------------------------------
+CANDIDATE_KEYS = (DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY)
+
+
+def per_cluster_candidates(assigned, plan: CandidatePlan) -> pa.Table:
+    """The exact candidates (slim columns and ``candidate_reason``), sorted by cluster then doc_id.
+
+    Runs on the cluster: each block keeps its rows that could make a cluster's quota, then a groupby brings
+    each cluster's survivors together and picks its candidates. The driver receives only the candidates.
+    """
+    slim = list(dict.fromkeys((*CANDIDATE_KEYS, plan.near_key)))
+    partial = assigned.select_columns(slim).map_batches(
+        block_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow")
+    merged = partial.groupby(CLUSTER_ID).map_groups(merge_candidates, fn_kwargs={"plan": plan},
+                                                    batch_format="pyarrow")
+    table = collect(merged)
+    return table.sort_by([(CLUSTER_ID, "ascending"), (DOC_ID, "ascending")]) if table.num_rows else table
+
+
+def attach_rows(table: pa.Table, ds, columns: list[str]) -> pa.Table:
+    """``table`` (candidate-sized, with ``doc_id``) with ``columns`` of its rows in ``ds`` appended."""
+    ids = table.column(DOC_ID)
+    rows = rows_for_ids(ds, ids, [DOC_ID, *columns])
+    found = pa.compute.count_distinct(rows.column(DOC_ID)).as_py() if rows.num_rows else 0
+    if found != len(ids):
+        raise ValueError(f"{len(ids) - found} of {len(ids)} rows have no match for their doc_id when joining "
+                         f"back {', '.join(columns)}")
+    return attach_columns(table, rows.select([DOC_ID, *columns]))
+
+
+def in_blocks(table: pa.Table, rows_per_block: int):
+    """A driver-side table as a dataset of ``rows_per_block``-row blocks: an actor pool hands a block to one
+    actor, so a single block would keep the rest of the pool idle."""
+    import ray
+
+    step = max(1, int(rows_per_block))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
 
 
 def init_ray(cfg: RunConfig) -> None:

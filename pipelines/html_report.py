@@ -1,10 +1,20 @@
-"""The cost report people read: one self-contained HTML page (inline CSS and SVG, no scripts, no fetches)."""
+"""The report people read: one self-contained HTML page (inline CSS and SVG, no scripts, no fetches).
+
+What was selected and why (corpus map, per-cluster sections, distributions; see ``report_data``) comes
+first when the run provides it, then what the run cost.
+"""
 
 from __future__ import annotations
 
 import html
 import math
 from typing import Any, Optional
+
+from labelnext.pipelines.report_charts import cluster_size_chart, uncertainty_chart
+from labelnext.pipelines.report_clusters import cluster_sections
+from labelnext.pipelines.report_data import ReportView
+from labelnext.pipelines.report_format import finite, stages_in_order, usd
+from labelnext.pipelines.report_map import corpus_map_svg
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:60rem;color:#1d2330;padding:0 1rem}
@@ -13,6 +23,11 @@ h1{font-size:1.4rem;margin-bottom:.2rem} .sub{color:#5b6475;margin-top:0}
 table{border-collapse:collapse;margin:1rem 0;font-variant-numeric:tabular-nums}
 th,td{padding:.3rem .8rem;border-bottom:1px solid #dde2ea;text-align:right} th:first-child,td:first-child{text-align:left}
 tr.total td{font-weight:600;border-top:2px solid #8a93a5} svg text{font-size:12px;fill:#1d2330}
+svg .lbl{font-size:11px;font-weight:600} .cluster{border-top:1px solid #dde2ea;margin-top:1.2rem}
+.cluster h3{margin-bottom:.2rem} .stats{margin-top:0;color:#5b6475}
+.sw{display:inline-block;width:.8rem;height:.8rem;border-radius:50%;margin-right:.4rem;opacity:.7}
+table.sel td,table.sel th{text-align:left;vertical-align:top} td.txt{max-width:34rem}
+ul.examples li{margin:.25rem 0}
 """
 _BARS = (
     ("this run (labelnext)", "total", "#2f6fdf"),
@@ -22,37 +37,24 @@ _BARS = (
 )
 
 
-def _num(value: Any) -> Optional[float]:
-    if isinstance(value, (int, float)) and math.isfinite(float(value)):
-        return float(value)
-    return None
-
-
-def _usd(value: Any) -> str:
-    v = _num(value)
-    if v is None:
-        return "n/a"
-    return f"${v:,.2f}" if v >= 1 else f"${v:.4g}"
-
-
 def _cell(value: Any, spec: str) -> str:
-    v = _num(value)
+    v = finite(value)
     return "&ndash;" if v is None else format(v, spec)
 
 
 def savings_sentence(cost: dict[str, Any]) -> str:
-    ratio = _num(cost.get("savings_ratio"))
-    full = _num(cost.get("counterfactuals", {}).get("full_pass_scoring_model_usd"))
+    ratio = finite(cost.get("savings_ratio"))
+    full = finite(cost.get("counterfactuals", {}).get("full_pass_scoring_model_usd"))
     if ratio is None or full is None:
         return "No LLM scoring happened in this run, so there is no full-pass comparison."
-    return (f"Scoring every document with the same LLM would have cost {_usd(full)}; this run cost "
-            f"{_usd(cost.get('total_usd'))} in all, {ratio:,.1f}x less.")
+    return (f"Scoring every document with the same LLM would have cost {usd(full)}; this run cost "
+            f"{usd(cost.get('total_usd'))} in all, {ratio:,.1f}x less.")
 
 
 def counterfactual_svg(cost: dict[str, Any]) -> str:
     """Horizontal bars on a log scale (the 70B pass is orders of magnitude above the run)."""
     cf = cost.get("counterfactuals", {})
-    values = [(label, _num(cost.get("total_usd")) if key == "total" else _num(cf.get(key)), color)
+    values = [(label, finite(cost.get("total_usd")) if key == "total" else finite(cf.get(key)), color)
               for label, key, color in _BARS]
     positive = [v for _, v, _ in values if v is not None and v > 0]
     left, width, row, top = 250, 380, 34, 24
@@ -72,7 +74,7 @@ def counterfactual_svg(cost: dict[str, Any]) -> str:
         while decade <= hi * 1.0001:
             xd = x(decade)
             parts.append(f'<line x1="{xd:.1f}" y1="{top - 6}" x2="{xd:.1f}" y2="{height - 22}" stroke="#dde2ea"/>')
-            parts.append(f'<text x="{xd:.1f}" y="{height - 8}" text-anchor="middle">{html.escape(_usd(decade))}</text>')
+            parts.append(f'<text x="{xd:.1f}" y="{height - 8}" text-anchor="middle">{html.escape(usd(decade))}</text>')
             decade *= 10
     for i, (label, value, color) in enumerate(values):
         y = top + i * row
@@ -81,7 +83,7 @@ def counterfactual_svg(cost: dict[str, Any]) -> str:
             end = x(value)
             parts.append(f'<rect x="{left}" y="{y + 4}" width="{max(end - left, 2):.1f}" height="{row - 10}" '
                          f'fill="{color}" rx="2"/>')
-            parts.append(f'<text x="{max(end, left + 2) + 6:.1f}" y="{y + 17}">{html.escape(_usd(value))}</text>')
+            parts.append(f'<text x="{max(end, left + 2) + 6:.1f}" y="{y + 17}">{html.escape(usd(value))}</text>')
         else:
             parts.append(f'<text x="{left + 6}" y="{y + 17}" fill="#5b6475">n/a</text>')
     parts.append("</svg>")
@@ -90,16 +92,16 @@ def counterfactual_svg(cost: dict[str, Any]) -> str:
 
 def stage_rows(cost: dict[str, Any]) -> str:
     rows = []
-    for name, st in cost.get("stages", {}).items():
+    for name, st in stages_in_order(cost.get("stages", {})):
         reused = st.get("reused")
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{_cell(st.get('wall_s'), '.1f')}</td>"
             f"<td>{_cell(st.get('docs'), ',.0f')}</td><td>{_cell(reused, ',.0f')}</td>"
             f"<td>{_cell(st.get('tokens'), ',.0f')}</td><td>{_cell(st.get('cpu_s'), '.1f')}</td>"
-            f"<td>{_cell(st.get('accelerator_s'), '.1f')}</td><td>{html.escape(_usd(st.get('usd')))}</td></tr>"
+            f"<td>{_cell(st.get('accelerator_s'), '.1f')}</td><td>{html.escape(usd(st.get('usd')))}</td></tr>"
         )
     rows.append(f"<tr class='total'><td>total</td><td>{_cell(cost.get('total_wall_s'), '.1f')}</td>"
-                f"<td></td><td></td><td></td><td></td><td></td><td>{html.escape(_usd(cost.get('total_usd')))}</td></tr>")
+                f"<td></td><td></td><td></td><td></td><td></td><td>{html.escape(usd(cost.get('total_usd')))}</td></tr>")
     return "".join(rows)
 
 
@@ -108,7 +110,24 @@ def count_rows(counts: dict[str, Any]) -> str:
                    for k, v in counts.items())
 
 
-def render_html(cost: dict[str, Any], counts: dict[str, Any], run_id: str, run_date: str) -> str:
+def selection_sections(view: Optional[ReportView]) -> str:
+    if view is None:
+        return ""
+    return f"""<h2>What was selected</h2>
+<p class="sub">Each circle is a cluster (area = number of documents) on the two principal axes of the cluster
+centroids; small dots are a seeded sample of documents, red rings the selected documents.</p>
+{corpus_map_svg(view)}
+<h2>Uncertainty: scored candidates and the selection</h2>
+{uncertainty_chart(view)}
+<h2>Cluster sizes</h2>
+{cluster_size_chart(view)}
+<h2>Clusters, largest first</h2>
+{cluster_sections(view)}
+"""
+
+
+def render_html(cost: dict[str, Any], counts: dict[str, Any], run_id: str, run_date: str,
+                view: Optional[ReportView] = None) -> str:
     title = f"labelnext run {run_id} ({run_date})"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
@@ -116,6 +135,7 @@ def render_html(cost: dict[str, Any], counts: dict[str, Any], run_id: str, run_d
 <h1>{html.escape(title)}</h1>
 <p class="sub">{html.escape(str(cost.get("headline", "")))}</p>
 <p class="lead">{html.escape(savings_sentence(cost))}</p>
+{selection_sections(view)}
 <h2>What the same selection would have cost otherwise</h2>
 {counterfactual_svg(cost)}
 <p class="sub">Log scale. Full passes are extrapolated from the throughput measured in this run; the 70B-class

@@ -10,9 +10,11 @@ attaches it whenever one is found, so submitting from a laptop works with just t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +28,9 @@ WORKING_DIR_EXCLUDES = [
     "*.egg-info/", "build/", ".cache/", "shared/",
 ]
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+# Where Ray unpacks a job's working_dir on a node (inside the node's session folder).
+_RAY_WORKING_DIRS = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+log = logging.getLogger("labelnext")
 _POLL_S = 1.0
 T = TypeVar("T")
 
@@ -114,6 +119,25 @@ def build_runtime_env(working_dir: Optional[str | Path], extra: Optional[dict[st
         else:
             env[key] = value
     return env
+
+
+def leave_job_working_dir(*paths: Optional[str]) -> tuple[Optional[str], ...]:
+    """In a Ray job's driver, move out of the job's unpacked working_dir; returns ``paths`` made absolute.
+
+    Ray unpacks the working_dir into each node's session folder, and a node whose runtime-env agent shares
+    that folder with the driver's node (two ``ray start`` on one host share ``/tmp/ray``) replaces the folder
+    when its first worker needs it: the driver's current directory is then deleted under it. Anything that
+    resolves the current directory afterwards fails: importing torch aborts the process with "Intel oneMKL
+    FATAL ERROR: Cannot load .../libtorch_cpu.so" (MKL locates itself through it), and relative paths break.
+    The driver resolves its local paths first, then runs from a directory nobody replaces.
+    """
+    cwd = os.getcwd()
+    if _RAY_WORKING_DIRS not in cwd + os.sep:
+        return paths
+    resolved = tuple(p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p)) for p in paths)
+    os.chdir(tempfile.gettempdir())
+    log.info("running from %s: Ray may replace the job's working dir %s while the job runs", os.getcwd(), cwd)
+    return resolved
 
 
 def exit_code(status: Any) -> int:

@@ -4,6 +4,8 @@ Every run writes its selected doc_ids to ``OUTPUT/ledger/run_date=D/run_id=ID/pa
 before its manifest, which names that file. An entry counts only when the run's manifest exists and names
 it, so a run that died before committing excludes nothing, an attempt that lost its claim cannot replace
 the committed attempt's entry, and a rerun of the same run id never excludes its own earlier selection.
+A run excludes only what runs dated *before* it selected: rerunning (backfilling) night N after night N+1
+reproduces night N's selection.
 
 Exclusions travel as sorted 64-bit id hashes (``labelnext.ops.read.id_hash``, the reader's ``_id_hash`` column):
 8 bytes per excluded id on the driver and in the object store (7M ids ~ 56 MB); the chance that a new
@@ -84,9 +86,9 @@ def _ledger_files(output: OutputRoot) -> dict[RunRef, list[str]]:
 
 
 def ledger_hashes(output: OutputRoot, current: RunRef) -> tuple[np.ndarray, list[RunRef]]:
-    """Id hashes selected by committed runs other than ``current``, and which runs they came from."""
+    """Id hashes selected by committed runs dated before ``current``, and which runs they came from."""
     by_run = _ledger_files(output)
-    refs = sorted(ref for ref in by_run if ref != current)
+    refs = sorted(ref for ref in by_run if ref.run_date < current.run_date)
     committed, files = [], []
     for ref, manifest in zip(refs, manifests(output, refs)):
         entry = (manifest or {}).get("ledger") or {}

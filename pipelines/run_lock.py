@@ -1,16 +1,20 @@
-"""One writer per run: a claim object created atomically at run start and checked before the manifest.
+"""One writer per run: a claim object created atomically at run start and proven before every destructive step.
 
-The claim ``OUTPUT/_locks/run_date=D/run_id=ID.json`` records a unique attempt token, host, pid and a
-heartbeat that a background thread refreshes by compare-and-swap every ``timeout / 5`` seconds. Rules:
+The claim ``OUTPUT/_locks/run_date=D/run_id=ID.json`` records a unique attempt token, the host, boot id, PID
+namespace and pid of the process that holds it, and is rewritten by compare-and-swap (a heartbeat thread, every
+``timeout / 5`` seconds). Rules:
 
 * acquire: create-if-absent; if a claim exists it is taken over (compare-and-swap on the version read) only
-  when it is abandoned: its heartbeat is older than ``storage.lock_timeout_s``, or it was made on this host
-  by a process that no longer exists (a crashed or killed run, so an immediate rerun works);
+  when it is abandoned: the store says it was last written more than ``storage.lock_timeout_s`` ago (the
+  store's own clock, so clock skew between hosts cannot expire a live claim), or it was made on this host, in
+  this boot and this PID namespace, by a process that no longer exists (a crashed or killed run, so an
+  immediate rerun works; a holder in another container on the same host only expires by age);
 * otherwise the run fails at once with ``RunLocked`` naming the holder;
-* before the manifest the attempt refreshes the claim by compare-and-swap: if another attempt took over,
-  this one fails with ``ClaimLost`` and writes no manifest. A successful refresh leaves a full timeout of
-  undisputed ownership in which the manifest is written;
-* the claim is deleted after the manifest (or when the run fails), never by another attempt.
+* before anything destructive (clearing an earlier attempt, the ledger entry, the reports, the manifest) the
+  attempt proves it still holds the claim by rewriting it with compare-and-swap (``refresh``): if another
+  attempt took over, this one fails with ``ClaimLost``. A successful refresh leaves a full timeout of
+  undisputed ownership for the step that follows;
+* release is a conditional delete of this attempt's own version of the claim, never another attempt's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Callable, Optional
 
 from labelnext.ops.objects import ObjectStore, PreconditionFailed, StorageError
@@ -36,7 +41,25 @@ class RunLocked(StorageError):
 
 
 class ClaimLost(StorageError):
-    """This attempt's claim was taken over; it must not commit."""
+    """This attempt's claim was taken over; it must not write or delete anything more."""
+
+
+@lru_cache(maxsize=1)
+def boot_id() -> str:
+    """This kernel boot's id (Linux); empty where the system does not expose one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """The PID namespace this process lives in (``pid:[inode]``); empty where unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -45,7 +68,9 @@ class Holder:
     host: str
     pid: int
     started_at: str
-    heartbeat_at: float  # epoch seconds
+    heartbeat_at: float  # the holder's clock, for people reading the claim; expiry uses the store's clock
+    boot_id: str = ""
+    pid_ns: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
@@ -55,9 +80,13 @@ class Holder:
         try:
             raw = json.loads(data.decode("utf-8"))
             return cls(str(raw["attempt"]), str(raw["host"]), int(raw["pid"]), str(raw["started_at"]),
-                       float(raw["heartbeat_at"]))
-        except (ValueError, KeyError, TypeError):
+                       float(raw["heartbeat_at"]), str(raw.get("boot_id", "")), str(raw.get("pid_ns", "")))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+    def same_process_space(self, host: str, boot: str, pid_ns: str) -> bool:
+        """True when this holder's pid can be looked up from here: same host, same boot, same PID namespace."""
+        return bool(boot and pid_ns) and (self.host, self.boot_id, self.pid_ns) == (host, boot, pid_ns)
 
 
 def _process_alive(pid: int) -> bool:
@@ -81,6 +110,8 @@ class RunClaim:
         self.attempt = uuid.uuid4().hex[:16]
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.boot_id = boot_id()
+        self.pid_ns = pid_namespace()
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat()
         self._tag: Optional[str] = None
         self._lost = False
@@ -89,14 +120,16 @@ class RunClaim:
         self._mutex = threading.Lock()
 
     def _holder(self) -> Holder:
-        return Holder(self.attempt, self.host, self.pid, self.started_at, self.clock())
+        return Holder(self.attempt, self.host, self.pid, self.started_at, self.clock(), self.boot_id, self.pid_ns)
 
-    def abandoned(self, holder: Optional[Holder]) -> bool:
+    def abandoned(self, holder: Optional[Holder], age_s: float) -> bool:
+        """``age_s``: seconds since the claim was last written, by the store's clock."""
         if holder is None:  # unreadable claim: nobody can refresh it, treat it as abandoned
             return True
-        if self.clock() - holder.heartbeat_at > self.timeout_s:
+        if age_s > self.timeout_s:
             return True
-        return holder.host == self.host and holder.pid != self.pid and not _process_alive(holder.pid)
+        return (holder.same_process_space(self.host, self.boot_id, self.pid_ns) and holder.pid != self.pid
+                and not _process_alive(holder.pid))
 
     def acquire(self) -> None:
         for _ in range(3):  # a claim released between our create and our read: try again
@@ -112,12 +145,11 @@ class RunClaim:
             if holder is not None and holder.attempt == self.attempt:  # our create went through; its reply was lost
                 self._tag = current.tag
                 return
-            if holder is not None and not self.abandoned(holder):
-                age = self.clock() - holder.heartbeat_at
+            if holder is not None and not self.abandoned(holder, current.age_s):
                 raise RunLocked(
                     f"run {self.label} is already being written by attempt {holder.attempt} "
-                    f"(host {holder.host}, pid {holder.pid}, last heartbeat {age:.0f}s ago); a claim counts as "
-                    f"abandoned {self.timeout_s:.0f}s after its last heartbeat (storage.lock_timeout_s)"
+                    f"(host {holder.host}, pid {holder.pid}, claim last renewed {current.age_s:.0f}s ago); a claim "
+                    f"counts as abandoned {self.timeout_s:.0f}s after its last renewal (storage.lock_timeout_s)"
                 )
             try:
                 self._tag = self.store.put(self.path, self._holder().to_bytes(), if_tag=current.tag)
@@ -128,11 +160,15 @@ class RunClaim:
             return
         raise RunLocked(f"run {self.label}: its claim keeps changing; is another attempt starting?")
 
+    def _lost_error(self) -> ClaimLost:
+        return ClaimLost(f"run {self.label}: another attempt took over the claim of this attempt ({self.attempt}) "
+                         "while it was stalled; stopping without writing or deleting anything more")
+
     def refresh(self) -> None:
-        """Extend the claim by compare-and-swap; ``ClaimLost`` when another attempt owns it now."""
+        """Prove the claim is still ours by rewriting it with compare-and-swap; ``ClaimLost`` if it is not."""
         with self._mutex:
             if self._lost or self._tag is None:
-                raise ClaimLost(f"run {self.label}: this attempt ({self.attempt}) no longer holds the run's claim")
+                raise self._lost_error()
             try:
                 self._tag = self.store.put(self.path, self._holder().to_bytes(), if_tag=self._tag)
             except PreconditionFailed:
@@ -142,16 +178,7 @@ class RunClaim:
                     self._tag = current.tag  # a retried write of ours had already gone through
                     return
                 self._lost = True
-                raise ClaimLost(
-                    f"run {self.label}: another attempt took over the claim of this attempt ({self.attempt}); "
-                    "not committing"
-                ) from None
-
-    def ensure_held(self) -> None:
-        """Fail fast, without a round trip, once the heartbeat has seen another attempt take over."""
-        if self._lost:
-            raise ClaimLost(f"run {self.label}: another attempt took over the claim of this attempt "
-                            f"({self.attempt}); stopping before writing more")
+                raise self._lost_error() from None
 
     def start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name=f"claim-{self.attempt}", daemon=True)
@@ -161,21 +188,21 @@ class RunClaim:
         while not self._stop.wait(self.timeout_s / 5):
             try:
                 self.refresh()
-            except ClaimLost as exc:
-                log.error("%s", exc)
-                return
-            except Exception as exc:  # transient storage errors: keep trying until the claim expires
+            except ClaimLost:
+                return  # the run's next destructive step fails with the message
+            except Exception as exc:  # transient storage errors: the next beat or step proves the claim again
                 log.warning("run %s: claim heartbeat failed (%s)", self.label, exc)
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the claim if this attempt still holds it."""
+        """Stop the heartbeat and delete the claim, only in the version this attempt wrote last."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._mutex:
             if self._lost or self._tag is None:
                 return
-            current = self.store.get(self.path)
-            if current is not None and current.tag == self._tag:
-                self.store.delete(self.path)
+            try:
+                self.store.delete(self.path, if_tag=self._tag)
+            except PreconditionFailed:
+                log.info("run %s: the claim is no longer this attempt's; left in place", self.label)
             self._tag = None

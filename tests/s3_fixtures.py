@@ -57,3 +57,15 @@ def s3_bucket(s3_env) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """A small-object store and a root inside it: the local filesystem, then the S3 endpoint."""
+    from labelnext.ops.objects import LocalObjects, S3Objects
+    from labelnext.ops.s3 import S3Settings, StorageConfig
+
+    if request.param == "local":
+        return LocalObjects(), str(tmp_path)
+    bucket = request.getfixturevalue("s3_bucket")
+    return S3Objects(S3Settings.from_config(StorageConfig())), f"{bucket}/objects"

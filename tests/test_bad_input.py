@@ -296,3 +296,45 @@ def test_a_rerun_that_fails_on_bad_input_keeps_the_committed_run(messy_run, tmp_
     assert_one_line_error(proc, "typo.parquet", "not found")
     assert manifest(run_dir(out, "messy")) == before
     assert selected_ids(run_dir(out, "messy"))
+
+
+# -- input.embedding_column: vectors that came with the corpus ---------------------------------------------------
+
+def _vector_corpus(d, vectors, vector_type):
+    ids = [f"d{i}" for i in range(len(vectors))]
+    texts = [SENTENCES[i % len(SENTENCES)] + f" ({i})" for i in range(len(vectors))]
+    pq.write_table(pa.table({"id": ids, "text": texts, "vec": pa.array(vectors, vector_type)}), d / "vectors.parquet",
+                   row_group_size=8)
+    return d / "vectors.parquet"
+
+
+@pytest.mark.slow
+def test_corpus_vectors_skip_the_encoder_and_bad_ones_are_rejected_with_reasons(tmp_path):
+    good = [[float(i % 3 == j) + 0.1 * i for j in range(4)] for i in range(16)]
+    bad = {"d16": None, "d17": [1.0, 2.0], "d18": [float("nan"), 1.0, 1.0, 1.0], "d19": [0.0] * 4}
+    corpus = _vector_corpus(tmp_path, good + list(bad.values()), pa.list_(pa.float32()))
+    out = tmp_path / "out"
+    proc = labelnext(*run_args(corpus, out, "--run-id", "vec", "--run-date", "2026-11-25",
+                               "--set", "input.embedding_column=vec", "--set", "embed.model=some-org/not-local",
+                               "--set", "select.rule=cluster_only", budget="5"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = run_dir(out, "vec")
+    rejects = {r["doc_id"]: (r["reason"], r["row"]) for r in pq.read_table(run / "rejects").to_pylist()}
+    assert rejects == {"d16": ("null_embedding", 16), "d17": ("wrong_embedding_dimension", 17),
+                       "d18": ("non_finite_embedding", 18), "d19": ("zero_embedding", 19)}
+    counts = manifest(run)["counts"]
+    assert counts["rejected_docs"] == 4 and counts["accepted_docs"] == 16 and counts["selected"] == 5
+    cost = json.loads((run / "cost_report.json").read_text())
+    assert cost["stages"]["embed"]["docs"] == 0 and cost["stages"]["embed"]["given"] == 16
+    selected = pq.read_table(run / "selected")
+    assert not set(selected.column("doc_id").to_pylist()) & set(bad)
+    assert all(t.startswith(tuple(SENTENCES)) for t in selected.column("text").to_pylist())  # include_text: true
+
+
+@pytest.mark.slow
+def test_an_embedding_column_that_is_not_a_list_fails_before_any_compute(tmp_path):
+    corpus = tmp_path / "strings.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "two"], "vec": ["0.1,0.2", "0.3,0.4"]}), corpus)
+    proc = labelnext(*run_args(corpus, tmp_path / "out", "--set", "input.embedding_column=vec"))
+    assert_one_line_error(proc, "strings.parquet", "'vec'", "input.embedding_column", "list of floats")
+    assert proc.returncode == 1

@@ -3,8 +3,9 @@
 
 The cluster is two `ray start --block` processes, each in its own session, torn down by signalling exactly
 those processes and their children (never `ray stop`, which stops every Ray process on the machine,
-including other people's). Each node gets its own temp dir and explicit ports, so tests running beside it
-with their own local Ray are not disturbed.
+including other people's). Both nodes share one private temp dir, as two plain `ray start` on one host share
+`/tmp/ray` (the setup a user tries first), with explicit ports, so tests running beside it with their own
+local Ray are not disturbed.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 120
-JOB_TIMEOUT_S = 900
+START_TIMEOUT_S = 180
+JOB_TIMEOUT_S = 1200
 NODE_CPUS = 3
 
 
@@ -43,6 +44,8 @@ class Cluster:
     node_env: dict[str, str]
     client_env: dict[str, str]
     root: Path
+    common: list[str]
+    procs: list[subprocess.Popen]
 
     @property
     def token(self) -> str:
@@ -192,6 +195,42 @@ def test_submit_rejects_a_bad_config_before_contacting_a_cluster():
     assert proc.returncode == 2 and "unknown config key: embed.nope" in proc.stderr
 
 
+def test_local_paths_are_refused_on_several_hosts_unless_shared():
+    from labelnext.pipelines.paths import SharedPathError, check_shared, local_paths
+
+    one_host = [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}] * 2
+    two_hosts = [*one_host, {"Alive": True, "NodeManagerAddress": "10.0.0.2"}, {"Alive": False}]
+    paths = local_paths("/data/c.parquet", "/runs/out", embed_cache=True, model_cache=None)
+    check_shared(paths, one_host, shared_filesystem=False)  # one machine: one filesystem
+    check_shared(paths, two_hosts, shared_filesystem=True)
+    with pytest.raises(SharedPathError, match=r"--corpus /data/c.parquet is a local path .* 3 nodes on 2 hosts"):
+        check_shared(paths, two_hosts, shared_filesystem=False)
+    remote = local_paths("s3://b/c", "s3://b/out", embed_cache=True, model_cache="/cache")
+    with pytest.raises(SharedPathError, match="score.cache_dir /cache"):
+        check_shared(remote, two_hosts, shared_filesystem=False)
+    check_shared(local_paths("s3://b/c", "s3://b/out", embed_cache=True, model_cache=None), two_hosts, False)
+
+
+def test_the_job_driver_leaves_a_working_dir_that_ray_may_replace(tmp_path):
+    """Ray can delete and re-create a job's unpacked working_dir under its driver (two nodes sharing one
+    session folder); torch's MKL then aborts the driver on import. The driver moves out first."""
+    work = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_x"
+    work.mkdir(parents=True)
+    script = (
+        "import os, shutil, sys\n"
+        "from labelnext.pipelines.jobs import leave_job_working_dir\n"
+        "paths = leave_job_working_dir('data/c.parquet', 's3://b/o', None)\n"
+        f"assert paths == ({str(work / 'data' / 'c.parquet')!r}, 's3://b/o', None), paths\n"
+        "shutil.rmtree(sys.argv[1])  # what the other node's runtime-env agent does\n"
+        "import torch\n"
+        "print('torch', torch.ones(2).sum().item())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(work)], cwd=work, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "torch 2.0" in proc.stdout, proc.stdout + proc.stderr
+    assert "oneMKL" not in proc.stdout + proc.stderr
+
+
 # -- a real two-node cluster ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -213,20 +252,20 @@ def cluster():
     # The submitting side knows only where the token is, like a laptop with the cluster's token file.
     client_env = {**base, "RAY_AUTH_TOKEN_PATH": str(token_path)}
     gcs_port, dash_port = _free_port(), _free_port()
-    # 3 logical CPUs per node: one 2-CPU embed actor per node, and a CPU left on each for the Ray Data tasks
-    # that feed the actors (a pool holding every CPU starves its own input).
-    common = ["--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}", "--num-gpus=0", "--disable-usage-stats",
-              "--object-store-memory=400000000"]
+    # 3 logical CPUs per node, as in the user's report; one temp dir for both nodes, as two plain `ray start`
+    # on one host share /tmp/ray (and with it each job's unpacked working_dir).
+    common = [f"--num-cpus={NODE_CPUS}", "--num-gpus=0", "--disable-usage-stats",
+              "--object-store-memory=400000000", f"--temp-dir={root / 'ray'}"]
     head_log, worker_log = root / "head.log", root / "worker.log"
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start(["--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash_port}", f"--ray-client-server-port={_free_port()}",
-                             f"--temp-dir={root / 'h'}", *common, *_node_ports()], node_env, head_log))
+        procs.append(_start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                             f"--ray-client-server-port={_free_port()}", *common, *_node_ports()], node_env, head_log))
         c = Cluster(dashboard=f"http://127.0.0.1:{dash_port}", gcs=f"127.0.0.1:{gcs_port}", token_path=token_path,
-                    node_env=node_env, client_env=client_env, root=root)
+                    node_env=node_env, client_env=client_env, root=root, common=common, procs=procs)
         _wait("head node start", lambda: len(c.alive_node_ids()) == 1, procs, [head_log])
-        procs.append(_start([f"--address={c.gcs}", f"--temp-dir={root / 'w'}", *common, *_node_ports()],
+        procs.append(_start([f"--address={c.gcs}", "--node-ip-address=127.0.0.1", *common, *_node_ports()],
                             node_env, worker_log))
         _wait("second node joining", lambda: len(c.alive_node_ids()) == 2, procs, [head_log, worker_log])
         yield c
@@ -280,38 +319,27 @@ def test_plumbing_job_sees_both_nodes_and_the_venv(cluster, monkeypatch):
 
 
 @pytest.mark.slow
-def test_submit_wait_runs_the_pipeline_across_both_nodes(cluster, tmp_path):
-    import pyarrow.parquet as pq
-
+def test_a_plain_submit_with_the_default_config_commits_on_two_nodes(cluster, tmp_path):
+    """What a user runs first: default config, one Parquet file, local paths on one host, no overrides."""
     from labelnext.pipelines.sample_corpus import write_sample_corpus
 
-    table = pq.read_table(write_sample_corpus(tmp_path / "sample.parquet", 300, 7))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    step = -(-table.num_rows // 6)
-    for i in range(6):
-        pq.write_table(table.slice(i * step, step), corpus / f"part-{i}.parquet")
+    corpus = write_sample_corpus(tmp_path / "corpus.parquet", 600, 7)
     out_dir = tmp_path / "out"
-    args = [
-        "submit", "--address", cluster.dashboard, "--wait",
-        "--corpus", str(corpus), "--output", str(out_dir), "--budget", "5",
-        "--run-id", "cluster-test", "--run-date", "2026-01-02",
-        # Two 2-CPU embed actors cannot share a 3-CPU node, and small batches give both of them work, so
-        # both nodes must show up in the run's node list.
-        "--set", "resources.embed.concurrency=2", "--set", "resources.embed.num_cpus=2", "--set", "resources.embed.device=cpu",
-        "--set", "embed.batch_size=4",
-        "--set", "resources.score.device=cpu", "--set", "resources.score.concurrency=1", "--set", "score.max_tokens=64",
-        "--set", "cost.token_sample=32",
-    ]
+    args = ["submit", "--address", cluster.dashboard, "--wait", "--corpus", str(corpus), "--output", str(out_dir),
+            "--budget", "20", "--run-id", "cluster-test", "--run-date", "2026-01-02"]
     proc = _labelnext(args, cluster.client_env, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "oneMKL" not in proc.stdout and "Segmentation fault" not in proc.stdout
 
     run_dir = out_dir / "run_date=2026-01-02" / "run_id=cluster-test"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "committed"
-    assert manifest["counts"]["selected"] == 5
+    assert manifest["counts"]["selected"] == 20
     cost = json.loads((run_dir / "cost_report.json").read_text())
-    assert set(cost["cluster"]["nodes"]) == cluster.alive_node_ids()
+    assert set(cost["cluster"]["nodes"]) <= cluster.alive_node_ids()
+    # The bill is what both nodes held for the run, not the sum of what the stages reserved.
+    assert (cost["held"]["nodes"], cost["held"]["cpus"]) == (2, 2 * NODE_CPUS)
+    assert cost["total_usd"] == cost["held"]["usd"] >= cost["reserved_usd"] > 0
 
     (job_id,) = re.findall(r"^job (labelnext-cluster-test-\w+): SUCCEEDED$", proc.stdout, flags=re.M)
     assert f"submitted job {job_id}" in proc.stderr  # announced before the logs, so it can be followed elsewhere
@@ -319,3 +347,25 @@ def test_submit_wait_runs_the_pipeline_across_both_nodes(cluster, tmp_path):
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
     logs = _labelnext(["logs", job_id, "--address", cluster.dashboard], cluster.client_env, timeout=60)
     assert logs.returncode == 0 and "committed" in logs.stdout
+
+
+@pytest.mark.slow
+def test_local_paths_on_nodes_of_several_hosts_fail_before_any_compute(cluster, tmp_path):
+    """A node on a second address (another host, as far as Ray can tell) joins: local paths are refused."""
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
+
+    log = cluster.root / "other-host.log"
+    other = _start([f"--address={cluster.gcs}", "--node-ip-address=127.0.0.2", *cluster.common, *_node_ports()],
+                   cluster.node_env, log)
+    try:
+        _wait("a node on 127.0.0.2 joining", lambda: len(cluster.alive_node_ids()) == 3, [*cluster.procs, other], [log])
+        corpus = write_sample_corpus(tmp_path / "corpus.parquet", 50, 7)
+        out_dir = tmp_path / "out"
+        proc = _labelnext(["submit", "--address", cluster.dashboard, "--wait", "--corpus", str(corpus),
+                           "--output", str(out_dir), "--budget", "5"], cluster.client_env, timeout=600)
+    finally:
+        _stop([other])
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert f"--corpus {corpus} is a local path but the Ray cluster has 3 nodes on 2 hosts" in proc.stdout
+    assert "storage.shared_filesystem=true" in proc.stdout
+    assert "read: started" not in proc.stdout and not list(out_dir.rglob("manifest.json"))

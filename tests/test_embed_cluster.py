@@ -6,7 +6,8 @@ import pyarrow.compute  # noqa: F401
 import pytest
 
 from labelnext.ops.cluster import Assigner, choose_k, train_kmeans
-from labelnext.ops.embed import Embedder
+from labelnext.ops.embed import (CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Embedder, batch_tokens_for, ray_batch_docs,
+                                  resolve_embed_dtype, token_budget_batches)
 from labelnext.pipelines.config import ClusterConfig, EmbedConfig
 from labelnext.pipelines.sample_corpus import make_documents
 
@@ -28,16 +29,77 @@ def test_real_encoder_gives_normalised_semantic_vectors(embedder):
     np.testing.assert_allclose(embedder.encode([texts[2]])[0], emb[2], atol=1e-5)
 
 
-def test_token_bounded_batches_keep_order_and_match_plain_encode(embedder):
-    short = "Rates rose."
-    long = " ".join(["The committee debated the budget line by line late into the night."] * 30)
-    texts = [short, long, "A goal in the final minute.", long + " Again.", short + " Twice."]
-    batches = embedder._token_batches(texts)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(len(texts)))
-    assert all(len(b) <= embedder.cfg.batch_size for b in batches)
-    plain = np.ascontiguousarray(embedder.model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
-                                                       show_progress_bar=False), dtype=np.float32)
-    np.testing.assert_allclose(embedder.encode(texts), plain, atol=1e-5)
+LONG = " ".join(["The committee debated the budget line by line late into the night."] * 30)
+MIXED = ["Rates rose.", LONG, "A goal in the final minute.", LONG + " Again.", "Rates rose. Twice.",
+         "  Leading and trailing spaces  ", "UPPER case Words", "Ünïcödé naïve café – emoji 🎉"]
+
+
+def _plain(embedder, texts):
+    """Today's float32 path: sentence-transformers' own encode."""
+    return np.ascontiguousarray(embedder.model.encode(texts, batch_size=32, normalize_embeddings=True,
+                                                      show_progress_bar=False), dtype=np.float32)
+
+
+def test_token_budget_batches_cover_every_row_within_budget():
+    lengths = np.array([3, 256, 17, 256, 9, 120, 1, 64])
+    batches = token_budget_batches(lengths, batch_tokens=512, max_rows=3, multiple=8)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for b in batches:
+        width = -(-int(lengths[b].max()) // 8) * 8
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * width <= 512)
+        assert int(lengths[b[0]]) == int(lengths[b].max())  # longest first: the first row sets the width
+    assert [len(b) for b in token_budget_batches(np.array([600, 5]), 512, 64)] == [1, 1]
+
+
+def test_text_and_token_id_paths_match_plain_encode(embedder):
+    plain = _plain(embedder, MIXED)
+    from_text = embedder.encode(MIXED)
+    from_ids = embedder.encode_ids(embedder.tokenizer(MIXED))
+    np.testing.assert_array_equal(from_text, from_ids)
+    assert np.min(np.sum(from_text * plain, axis=1)) >= 0.9999
+    np.testing.assert_allclose(from_text, plain, atol=1e-5)
+
+
+def test_gpu_batching_on_cpu_gives_the_same_vectors(embedder):
+    """The GPU layout (one 65,536-token budget, widths padded to a multiple of 8) run on CPU in float32."""
+    plain = embedder.encode(MIXED)
+    knobs = (embedder.batch_tokens, embedder.max_rows, embedder.pad_multiple)
+    embedder.batch_tokens, embedder.max_rows, embedder.pad_multiple = GPU_BATCH_TOKENS, GPU_BATCH_TOKENS // 8, 8
+    try:
+        np.testing.assert_allclose(embedder.encode(MIXED), plain, atol=1e-5)
+    finally:
+        embedder.batch_tokens, embedder.max_rows, embedder.pad_multiple = knobs
+
+
+def test_token_ids_column_is_used_and_dropped(embedder):
+    ids = embedder.tokenizer(MIXED[:3])
+    out = embedder({"doc_id": np.array(["a", "b", "c"]), "text": np.array(["x", "y", "z"], dtype=object),
+                    "_token_ids": np.array(ids, dtype=object)})
+    assert "_token_ids" not in out
+    np.testing.assert_allclose(out["embedding"], embedder.encode(MIXED[:3]), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_body_stays_within_the_cosine_bound(dtype):
+    """The GPU default is float16; measured here on CPU (same weights and rounding of the body)."""
+    texts = MIXED + make_documents(60, seed=2).column("text").to_pylist()
+    texts = [t for t in texts if t and t.strip()]
+    reference = Embedder(EmbedConfig(dtype="float32"), device="cpu").encode(texts)
+    half = Embedder(EmbedConfig(dtype=dtype), device="cpu").encode(texts)
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(half * reference, axis=1)) >= 0.999
+
+
+def test_device_defaults():
+    import torch
+
+    assert resolve_embed_dtype("auto", "cpu") == torch.float32
+    assert resolve_embed_dtype("auto", "cuda") == torch.float16
+    assert batch_tokens_for(EmbedConfig(), "cpu") == CPU_BATCH_TOKENS
+    assert batch_tokens_for(EmbedConfig(), "cuda") == GPU_BATCH_TOKENS
+    assert ray_batch_docs(EmbedConfig(), use_gpu=False) == 4 * EmbedConfig().batch_size
+    assert ray_batch_docs(EmbedConfig(), use_gpu=True) == 4 * GPU_BATCH_TOKENS // 128
 
 
 def test_kmeans_on_real_embeddings_recovers_topics(embedder):
@@ -59,7 +121,8 @@ def test_kmeans_on_real_embeddings_recovers_topics(embedder):
 
 
 def test_choose_k_is_bounded():
-    assert choose_k(2500, 40, ClusterConfig()) == 20
+    assert choose_k(2500, 40, ClusterConfig()) == 40  # one cluster per label by default
+    assert choose_k(2500, 40, ClusterConfig(labels_per_cluster=2)) == 20
     assert choose_k(10, 40, ClusterConfig()) == 2
     assert choose_k(5, 40, ClusterConfig(k=64)) == 5
     with pytest.raises(ValueError, match="larger than"):

@@ -10,7 +10,7 @@ import torch
 from scipy.special import log_softmax as sp_log_softmax
 from scipy.stats import entropy as sp_entropy
 
-from labelnext.ops.entropy import DocStats, hidden_entropy_nll, reduce_doc, token_entropy_nll
+from labelnext.ops.entropy import DocStats, hidden_entropy_nll, reduce_doc, segment_stats, token_entropy_nll
 
 
 def _scipy_reference(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,3 +111,15 @@ def test_large_vocabulary_blocks_match_scipy():
     ref_ent, ref_nll = _scipy_reference(logits, targets)
     np.testing.assert_allclose(ent.numpy(), ref_ent, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(nll.numpy(), ref_nll, rtol=1e-5, atol=1e-4)
+
+
+def test_segment_stats_match_per_document_reduction():
+    rng = np.random.default_rng(5)
+    lengths = torch.tensor([1, 7, 3, 12])
+    entropy = torch.tensor(rng.random(int(lengths.sum())) * 5, dtype=torch.float32)
+    nll = torch.tensor(rng.random(int(lengths.sum())) * 9, dtype=torch.float32)
+    got = segment_stats(entropy, nll, lengths)
+    assert got.shape == (4, 3) and got.dtype == torch.float64
+    for d, (e, n) in enumerate(zip(entropy.split(lengths.tolist()), nll.split(lengths.tolist()))):
+        ref = reduce_doc(e, n)
+        np.testing.assert_allclose(got[d].numpy(), [ref.mean_entropy, ref.max_entropy, ref.nll], rtol=1e-12)

@@ -26,13 +26,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
     )
 
 
+# The LLM-ranked rule, so the whole pipeline (score stage included) runs end to end; the default cold start
+# (no LLM) is pinned by the golden test below.
+LLM_RULE = ("--set", "select.rule=typical_uncertain", "--set", "select.quota=size")
+
+
 @pytest.fixture(scope="module")
 def committed_run(sample_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     proc = run_cli("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
-                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2")
+                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", *LLM_RULE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out / "run_date=2026-11-25" / "run_id=e2e", proc
+
+
+@pytest.fixture(scope="module")
+def default_run(sample_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out-default")
+    proc = run_cli("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
+                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out / "run_date=2026-11-25" / "run_id=e2e"
 
 
 def test_contract_layout_manifest_and_counts(committed_run, sample_corpus):
@@ -78,14 +92,14 @@ def test_selected_scores_and_rejects(committed_run):
     assert assignments.num_rows == manifest["counts"]["accepted_docs"]
 
 
-def test_selection_matches_the_recorded_golden(committed_run):
+def test_selection_matches_the_recorded_golden(default_run):
     """Same corpus, budget, seed and packaged default config: the same documents in the same order.
 
     ``tests/golden/e2e_selection.json`` records the selection this run gave before a refactor; a change that
     is meant to alter the selection (a new default rule, new tie-breaks) rewrites the file in the same commit,
     with the reason in the commit message.
     """
-    run_dir, _ = committed_run
+    run_dir = default_run
     golden = json.loads((REPO / "tests" / "golden" / "e2e_selection.json").read_text())
     selected = pq.read_table(run_dir / "selected").sort_by("rank")
     assert selected.column("doc_id").to_pylist() == golden["doc_ids_by_rank"]
@@ -116,7 +130,7 @@ def test_rerun_same_run_id_replaces_whole(committed_run, sample_corpus):
     run_dir, _ = committed_run
     before = sorted(p.name for p in (run_dir / "assignments").iterdir())
     proc = run_cli("run", "--corpus", str(sample_corpus), "--output", str(run_dir.parent.parent), "--budget", "12",
-                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2")
+                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", *LLM_RULE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = sorted(p.name for p in (run_dir / "assignments").iterdir())
     assert len(after) == len(before)

@@ -13,7 +13,9 @@ import pytest
 
 from labelnext.ops import model_prep
 from labelnext.ops.score import SCORE_COLUMNS, Scorer, count_tokens, docs_per_batch, score_dataset
-from labelnext.ops.score_inputs import encode, pack_by_tokens, split_by_tokens, truncate
+from labelnext.ops.score_hf import HFBackend, _packed_layout, _static_rows
+from labelnext.ops.score_inputs import encode, pack_by_tokens, pack_rows, split_by_tokens, truncate
+from labelnext.ops.score_settings import batch_tokens_for
 from labelnext.pipelines.config import BUNDLED_ENCODER, BUNDLED_LLM, ScoreConfig
 
 FLUENT = ("The city council approved the new budget on Tuesday, setting aside more money for schools, "
@@ -72,6 +74,38 @@ def test_split_by_tokens_keeps_order_and_closes_groups_at_the_budget():
 def test_docs_per_batch_scales_with_token_budget():
     assert docs_per_batch(ScoreConfig()) >= 32
     assert docs_per_batch(ScoreConfig(batch_tokens=65536, max_tokens=512)) == 512
+
+
+def test_batch_tokens_auto_is_sized_per_device():
+    assert batch_tokens_for(ScoreConfig(), "cpu") == 8192
+    assert batch_tokens_for(ScoreConfig(), "cuda") == 65536
+    assert batch_tokens_for(ScoreConfig(batch_tokens=1000), "cuda") == 1000
+    assert docs_per_batch(ScoreConfig(max_tokens=512), "cuda") == 512
+    with pytest.raises(ValueError, match="batch_tokens"):
+        ScoreConfig(batch_tokens=0)
+
+
+def test_pack_rows_first_fit_decreasing():
+    rng = random.Random(2)
+    lengths = [rng.randint(2, 512) for _ in range(300)] + [700]
+    rows = pack_rows(lengths, 512)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 512 for r in rows if r != [300])
+    assert [300] in rows  # longer than a row: a row of its own
+    # First-fit decreasing stays within 11/9 OPT + 1 rows; the real-token bound is a lower bound on OPT.
+    assert len(rows) <= 11 / 9 * (-(-sum(lengths[:300]) // 512)) + 2
+    assert pack_rows([], 512) == []
+
+
+def test_packed_layout_restarts_positions_and_maps_every_token():
+    seqs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    rows = [[0, 1], [2]]  # documents 0 and 1 share a row of width 6
+    order = [0, 1, 2]
+    ids, positions, flat = _packed_layout(rows, [3, 2, 4], [seqs[i] for i in order], 3, 6)
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 0], [10, 11, 12, 13, 0, 0], [0] * 6]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5]]
+    assert ids.reshape(-1)[flat].tolist() == [t for s in seqs for t in s]
+    assert [_static_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
 
 
 def test_device_dtype_and_backend_resolution(monkeypatch):
@@ -148,6 +182,93 @@ def test_order_is_preserved_across_length_sorted_batches():
     for col in ("uncertainty", "max_entropy", "nll", "n_tokens"):
         expected = np.array([o[col][0] for o in one_by_one])
         np.testing.assert_allclose(out[col], expected, rtol=1e-4, atol=1e-4, err_msg=col)
+
+
+def test_packed_rows_score_like_length_buckets():
+    texts = [DOCS[i % len(DOCS)] * (1 + (i * 5) % 3) for i in range(9)] + [""]
+    packed, bucketed = scorer(packing="on", batch_tokens=128), scorer(packing="off", batch_tokens=128)
+    assert packed.engine.packed and not bucketed.engine.packed
+    a, b = packed(_batch(texts)), bucketed(_batch(texts))
+    assert a["n_tokens"].tolist() == b["n_tokens"].tolist()
+    for col in ("uncertainty", "max_entropy", "nll"):
+        np.testing.assert_allclose(a[col], b[col], rtol=0, atol=1e-4, equal_nan=True, err_msg=col)
+
+
+def test_per_document_backends_are_grouped_and_score_the_same():
+    """The vLLM backend's interface yields one hidden state per document; the Scorer groups them for the head."""
+    import copy
+
+    texts = [DOCS[i % len(DOCS)] * (1 + i % 3) for i in range(8)]
+    batched = scorer(batch_tokens=128)
+    expected = batched(_batch(texts))
+
+    class PerDocument:
+        head = batched.engine.head
+
+        def hidden_states(self, seqs):
+            for group, hidden in batched.engine.hidden_batches(seqs):
+                yield from zip(group, hidden.split([len(seqs[i]) for i in group]))
+
+    per_doc = copy.copy(batched)
+    per_doc.engine, per_doc.chunk = PerDocument(), 16  # groups of >= 64 positions: several per call
+    got = per_doc(_batch(texts))
+    assert got["n_tokens"].tolist() == expected["n_tokens"].tolist()
+    for col in ("uncertainty", "max_entropy", "nll"):
+        np.testing.assert_allclose(got[col], expected[col], rtol=0, atol=1e-5, err_msg=col)
+
+
+def _tiny_model(tmp_path, kind: str) -> str:
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=128))
+    else:  # ALiBi: positions come from the attention mask, position ids are ignored
+        model = BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=64, n_layer=2, n_head=4))
+    model.save_pretrained(tmp_path / kind)
+    return str(tmp_path / kind)
+
+
+def _all_hidden(backend: HFBackend, seqs) -> dict[int, "torch.Tensor"]:
+    out = {}
+    for group, hidden in backend.hidden_batches(seqs):
+        for i, h in zip(group, hidden.split([len(seqs[i]) for i in group])):
+            out[i] = h
+    return out
+
+
+@pytest.mark.parametrize("kind, packs", [("llama", True), ("bloom", False)])
+def test_packing_is_used_only_where_the_model_honours_position_ids(tmp_path, kind, packs):
+    import torch
+
+    path = _tiny_model(tmp_path, kind)
+    rng = random.Random(3)
+    seqs = [[rng.randrange(300) for _ in range(rng.randint(2, 60))] for _ in range(23)]
+    eager = HFBackend(path, device="cpu", dtype=torch.float32, batch_tokens=256, window=64, packing=True)
+    assert eager.packed is packs
+    bucketed = HFBackend(path, device="cpu", dtype=torch.float32, batch_tokens=256, window=64, packing=False)
+    got, ref = _all_hidden(eager, seqs), _all_hidden(bucketed, seqs)
+    assert sorted(got) == list(range(len(seqs)))
+    for i in range(len(seqs)):
+        torch.testing.assert_close(got[i], ref[i], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_packed_forward_matches_eager(tmp_path):
+    import torch
+
+    path = _tiny_model(tmp_path, "llama")
+    rng = random.Random(4)
+    seqs = [[rng.randrange(300) for _ in range(rng.randint(2, 60))] for _ in range(11)]
+    args = dict(device="cpu", dtype=torch.float32, batch_tokens=256, window=64, packing=True)
+    compiled = HFBackend(path, compile=True, **args)
+    got, ref = _all_hidden(compiled, seqs), _all_hidden(HFBackend(path, **args), seqs)
+    assert compiled.compiled  # compiled without falling back to eager
+    for i in range(len(seqs)):
+        torch.testing.assert_close(got[i], ref[i], rtol=1e-4, atol=1e-4)
 
 
 def test_passthrough_columns_are_unchanged():

@@ -136,3 +136,15 @@ def test_vllm_and_transformers_agree_with_reference(tmp_path):
         np.testing.assert_allclose(vllm[col], hf[col], atol=TOL, rtol=0, equal_nan=True,
                                    err_msg=f"vllm vs transformers {col}")
     assert set(SCORE_COLUMNS) <= set(hf)
+
+
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_transformers_packed_and_bucketed_agree_with_reference(packing):
+    """float32 on CPU: packed rows (the GPU default) and length buckets, within 1e-3 nats of float64."""
+    scorer = Scorer(ScoreConfig(**CFG, backend="transformers", dtype="float32", packing=packing), device="cpu")
+    assert scorer.engine.packed is (packing == "on")
+    got = scorer({"doc_id": np.arange(len(DOCS)), "text": np.array(DOCS, dtype=object)})
+    ref = _reference(scorer)
+    assert got["n_tokens"].tolist() == ref["n_tokens"].tolist()
+    for col in ("uncertainty", "max_entropy", "nll"):
+        np.testing.assert_allclose(got[col], ref[col], atol=TOL, rtol=0, equal_nan=True, err_msg=col)

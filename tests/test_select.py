@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from labelnext.ops.select import SELECTED_COLUMNS, Selector, percentile_within
+from labelnext.ops.select import SELECTED_COLUMNS, Selector, contract, cover_quotas, percentile_within
 from labelnext.pipelines.config import SelectConfig
 
 
@@ -24,7 +24,8 @@ def _candidates(n=60, k=4, seed=0, dim=8):
     })
 
 
-RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"]
+RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only",
+         "stratified"]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -41,7 +42,7 @@ def test_every_rule_returns_exactly_budget_unique_rows(rule):
 def test_baseline_quotas_follow_cluster_size_and_take_most_uncertain():
     c = _candidates()
     sizes = np.array([400, 300, 200, 100])
-    out = Selector(SelectConfig(rule="baseline", dedup_threshold=1.0)).select(c, sizes, 10)
+    out = Selector(SelectConfig(rule="baseline", quota="size", dedup_threshold=1.0)).select(c, sizes, 10)
     per_cluster = np.bincount(out.column("cluster_id").to_numpy(), minlength=4)
     assert per_cluster.tolist() == [4, 3, 2, 1]
     for cl in range(4):
@@ -114,3 +115,42 @@ def test_typical_uncertain_keeps_unscored_documents_last_and_ignores_row_order()
     shuffled = c.take(pa.array(np.random.default_rng(1).permutation(c.num_rows), pa.int64()))
     assert sel.select(shuffled, np.array([100, 100, 100]), 15).column("doc_id").to_pylist() == \
         out.column("doc_id").to_pylist()
+
+
+def _per_cluster(out: pa.Table, k: int) -> list[int]:
+    return np.bincount(out.column("cluster_id").to_numpy(), minlength=k).tolist()
+
+
+def test_stratified_takes_smallest_random_keys_within_size_quotas_without_llm_scores():
+    c = _candidates().drop_columns(["uncertainty", "max_entropy", "nll", "n_tokens"])
+    sizes = np.array([400, 300, 200, 100])
+    cfg = SelectConfig(rule="stratified", quota="size", dedup_threshold=1.0)
+    assert "uncertainty" not in contract(cfg).needs
+    out = Selector(cfg).select(c, sizes, 10)
+    assert _per_cluster(out, 4) == [4, 3, 2, 1]
+    assert set(out.column("reason").to_pylist()) == {"cluster_quota_random"}
+    for cl, q in enumerate([4, 3, 2, 1]):
+        pool = c.filter(pa.compute.equal(c.column(CLUSTER_ID), cl))
+        smallest = set(pool.sort_by([(RAND_KEY, "ascending")]).column("doc_id").to_pylist()[:q])
+        chosen = set(out.filter(pa.compute.equal(out.column("cluster_id"), cl)).column("doc_id").to_pylist())
+        assert chosen == smallest
+
+
+def test_cover_quotas_visit_every_cluster_before_any_gets_a_second():
+    capacity = np.array([50, 50, 50, 50])
+    assert cover_quotas(np.array([100, 50, 5, 1]), 2, capacity).tolist() == [1, 1, 0, 0]
+    assert cover_quotas(np.array([100, 50, 5, 1]), 4, capacity).tolist() == [1, 1, 1, 1]
+    assert cover_quotas(np.array([100, 50, 5, 1]), 9, capacity).tolist() == [4, 3, 1, 1]
+    # A cluster without candidates (capacity 0) gets nothing; its slot goes to the others.
+    assert cover_quotas(np.array([100, 50, 5, 1]), 4, np.array([50, 50, 0, 50])).tolist() == [2, 1, 0, 1]
+    assert cover_quotas(np.array([3, 1]), 10, np.array([3, 1])).tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("rule", ["stratified", "cluster_only", "typical_uncertain"])
+def test_cover_quota_reaches_small_clusters_that_size_quotas_skip(rule):
+    c = _candidates(n=80, k=4)
+    sizes = np.array([1000, 10, 10, 10])
+    by_size = Selector(SelectConfig(rule=rule, quota="size", dedup_threshold=1.0)).select(c, sizes, 4)
+    cover = Selector(SelectConfig(rule=rule, quota="cover", dedup_threshold=1.0)).select(c, sizes, 4)
+    assert _per_cluster(by_size, 4) == [4, 0, 0, 0]
+    assert _per_cluster(cover, 4) == [1, 1, 1, 1]

@@ -21,7 +21,8 @@ from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, rand_keys
 from labelnext.ops.select import SELECTED_COLUMNS, Selector
 from labelnext.pipelines.config import CandidatesConfig, InputConfig, SelectConfig
 
-RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only"]
+RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only",
+         "stratified"]
 TEXTS = [None, "", "  \t", "plain text", "another document", "x", b"\xff\xfe not utf-8", "caf\u00e9"]
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -31,6 +32,7 @@ select_configs = st.builds(
     score=st.sampled_from(["mean_entropy", "nll", "max_entropy"]),
     entropy_cap_quantile=st.none() | st.floats(0.05, 1.0),
     dedup_threshold=st.floats(0.5, 1.0),
+    quota=st.sampled_from(["size", "cover"]),
     seed=st.integers(0, 3),
 )
 

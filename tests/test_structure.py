@@ -73,7 +73,8 @@ def test_every_stage_declares_a_contract():
     for module in (read, embed, cluster, candidates, score):
         assert isinstance(module.CONTRACT, StageContract), module.__name__
     assert "uncertainty" not in select.contract(SelectConfig(rule="cluster_only")).needs
-    assert "uncertainty" in select.contract(SelectConfig()).needs
+    assert "uncertainty" not in select.contract(SelectConfig(rule="stratified")).needs
+    assert "uncertainty" in select.contract(SelectConfig(rule="typical_uncertain")).needs
 
 
 def test_pipeline_check_names_the_stage(tmp_path):

@@ -1,0 +1,86 @@
+"""Out-of-sample choice of the cold-start rule: leave one dataset out.
+
+For each held-out dataset, the rule is picked on the *other* datasets only and reported on the held-out one.
+The pick maximises the worst case over the other datasets and every budget of the rule's mean gain over
+random selection (paired by seed): the goal is a default that is never worse than random, so the criterion
+rewards the rule whose weakest dataset is strongest.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from bench.common import markdown_table
+
+F1 = dict[tuple[str, int, str, int], float]  # (dataset, budget, strategy, seed) -> macro-F1
+
+
+def paired(f1: F1, dataset: str, budget: int, strategy: str, reference: str) -> tuple[float, float]:
+    """Mean over seeds of (strategy - reference) on one dataset and budget, with its standard error."""
+    seeds = sorted(s for (d, b, st, s) in f1 if (d, b, st) == (dataset, budget, strategy)
+                   and (dataset, budget, reference, s) in f1)
+    diffs = np.array([f1[(dataset, budget, strategy, s)] - f1[(dataset, budget, reference, s)] for s in seeds])
+    se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+    return float(diffs.mean()), se
+
+
+def choose(f1: F1, candidates: Iterable[str], datasets: list[str], budgets: Iterable[int]) -> str:
+    """The candidate whose worst (dataset, budget) mean gain over random is largest; ties keep list order."""
+    budgets = list(budgets)
+
+    def worst(st: str) -> float:
+        return min(paired(f1, d, b, st, "random")[0] for d in datasets for b in budgets)
+
+    return max(candidates, key=worst)
+
+
+def lodo(f1: F1, candidates: list[str], datasets: list[str], budgets: list[int]) -> dict[str, str]:
+    """Held-out dataset -> the rule chosen on the others (every dataset's pick when there is only one)."""
+    if len(datasets) == 1:
+        return {datasets[0]: choose(f1, candidates, datasets, budgets)}
+    return {d: choose(f1, candidates, [o for o in datasets if o != d], budgets) for d in datasets}
+
+
+def _cell(mean: float, se: float) -> str:
+    return f"{mean:+.3f} ± {se:.3f}"
+
+
+def lodo_table(f1: F1, picks: dict[str, str], budgets: list[int]) -> str:
+    """Per held-out dataset: the rule picked on the others, its gain over random and over TypiClust there;
+    then the mean and the worst held-out dataset per budget."""
+    rows, vs_random, vs_typiclust = [], {b: [] for b in budgets}, {b: [] for b in budgets}
+    has_typiclust = any(k[2] == "typiclust" for k in f1)
+    for d, st in picks.items():
+        cells = []
+        for b in budgets:
+            r = paired(f1, d, b, st, "random")
+            t = paired(f1, d, b, st, "typiclust") if has_typiclust else (float("nan"), float("nan"))
+            vs_random[b].append((r[0], d))
+            vs_typiclust[b].append(t[0])
+            cells.append(f"{_cell(*r)} / {t[0]:+.3f}")
+        rows.append([d, f"`{st}`", *cells])
+    rows.append(["**mean**", "", *[f"{np.mean([v for v, _ in vs_random[b]]):+.3f} / {np.mean(vs_typiclust[b]):+.3f}"
+                                   for b in budgets]])
+    rows.append(["**worst dataset**", "", *[f"{min(vs_random[b])[0]:+.3f} ({min(vs_random[b])[1]})"
+                                            for b in budgets]])
+    head = ["held-out dataset", "rule picked on the other datasets",
+            *[f"B={b}: vs random ± SE / vs TypiClust" for b in budgets]]
+    return markdown_table(head, rows)
+
+
+def acceptance(f1: F1, strategy: str, datasets: list[str], budgets: list[int]) -> tuple[bool, str]:
+    """``strategy`` level with random on every dataset and budget (mean - SE >= 0, paired by seed) and level
+    with TypiClust on the mean over datasets at every budget."""
+    lines, ok_all = [], True
+    for b in budgets:
+        per = {d: paired(f1, d, b, strategy, "random") for d in datasets}
+        worst = min(per, key=lambda d: per[d][0] - per[d][1])
+        vs_typi = float(np.mean([paired(f1, d, b, strategy, "typiclust")[0] for d in datasets]))
+        ok = all(m - se >= 0 for m, se in per.values()) and vs_typi >= 0
+        ok_all &= ok
+        lines.append(f"- B={b}: vs random, worst dataset {worst} {_cell(*per[worst])} (mean - SE "
+                     f"{per[worst][0] - per[worst][1]:+.3f}); vs TypiClust, mean over datasets {vs_typi:+.3f}: "
+                     f"{'PASS' if ok else 'FAIL'}")
+    return ok_all, "\n".join(lines)

@@ -1,0 +1,233 @@
+"""Simulated nightly label loop: ``rounds`` selections of ``per_round`` documents each, the gold labels of
+every round's selection fed back before the next one (``python -m bench.quality --rounds R --per-round B``).
+
+Strategies, each starting from an empty label set on the same pool:
+- ``random``: a uniform sample of the unlabelled pool every round.
+- ``coldstart``: the default cold-start selection (no labels used) repeated on the unlabelled pool every round.
+- ``margin``: round 1 the cold start; then the ``per_round`` lowest margins (top-1 minus top-2 probability) of a
+  logistic regression trained on the labels so far.
+- ``labelnext``: round 1 the cold start; then the Cluster-Margin design with the real ops: k-means over the
+  unlabelled pool (``choose_k`` of the default config), the default quotas, lowest margin first within each
+  cluster, near-duplicates removed by the ``Selector``.
+- ``labelnext+entropy``: as ``labelnext``, with the LLM's mean token entropy as a tie-breaker inside a cluster
+  (rank = margin percentile, minus ``ENTROPY_WEIGHT`` x entropy percentile).
+- ``typiclust``, ``probcover``: scikit-activeml's strategies (their defaults) given the labels so far.
+
+Every strategy is scored with the product's task model (``labelnext.ops.task_model.TaskModel``, a logistic
+regression with ``C=LR_C`` on the embeddings) trained on its labels so far.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from bench import anchors
+from bench.common import log, markdown_table
+
+LOOP_STRATEGIES = ("random", "coldstart", "margin", "labelnext", "labelnext+entropy", "typiclust", "probcover")
+REQUIRED = ("random",)  # every difference is taken against it
+DEFAULT_FREE = ("random", "typiclust", "probcover")  # results that do not depend on the default config
+# Each anchor round refits scikit-learn k-means with (labels so far + B) clusters over the pool, or ProbCover's
+# n x n graph: minutes per round on a small CPU, so the anchors run on the first seeds only.
+ANCHOR_SEEDS = 1
+ENTROPY_WEIGHT = 0.25  # a tie-breaker: a tenth of a cluster's margin range outweighs it
+
+
+@dataclass
+class LoopResult:
+    dataset: str
+    strategy: str
+    seed: int
+    round: int
+    labels: int
+    f1: float
+
+
+def fit(x: np.ndarray, y: np.ndarray, c: float):
+    """The product's task model (``labelnext.ops.task_model``); None until the labels hold two classes."""
+    from labelnext.ops.task_model import TaskModel
+
+    if np.unique(np.asarray(y).astype(str)).size < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The number of unique classes")  # CLINC150's first rounds
+        return TaskModel.fit(x, y, c=c)
+
+
+def macro_f1(model, only_class: str, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Test macro-F1; a label set with a single class predicts that class."""
+    from sklearn.metrics import f1_score
+
+    test_y = np.asarray(test_y).astype(str)
+    pred = model.predict(test_x) if model is not None else np.full(len(test_y), only_class, dtype=object)
+    return float(f1_score(test_y, pred, average="macro", labels=np.unique(test_y), zero_division=0))
+
+
+class Loop:
+    """One dataset's pool; ``run`` plays every round of one strategy for one seed."""
+
+    def __init__(self, pool, pool_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, per_round: int, cfg,
+                 lr_c: float):
+        self.pool, self.pool_y, self.test_x, self.test_y = pool, pool_y, test_x, test_y
+        self.per_round, self.cfg, self.lr_c = per_round, cfg, lr_c
+
+    def run(self, strategy: str, rounds: int, seed: int) -> list[tuple[int, float]]:
+        n = len(self.pool.ids)
+        labelled = np.empty(0, np.int64)
+        model, out, f1 = None, [], float("nan")
+        for r in range(rounds):
+            if len(labelled) < n:  # a used-up pool keeps its last (whole-pool) result
+                picked = self.pick(strategy, labelled, model, seed * 1000 + r)
+                labelled = np.concatenate([labelled, picked])
+                y = self.pool_y[labelled]
+                model = fit(self.pool.emb[labelled], y, self.lr_c)
+                f1 = macro_f1(model, str(y[0]), self.test_x, self.test_y)
+            out.append((len(labelled), f1))
+        return out
+
+    def pick(self, strategy: str, labelled: np.ndarray, model, seed: int) -> np.ndarray:
+        rest = np.setdiff1d(np.arange(len(self.pool.ids)), labelled)
+        budget = min(self.per_round, len(rest))
+        if strategy == "random":
+            return np.random.default_rng(10_000 + seed).choice(rest, budget, replace=False)
+        if strategy in anchors.ANCHORS:
+            return anchors.query(strategy, self.pool.emb, labelled, self.pool_y[labelled], budget, seed)
+        if strategy == "coldstart" or model is None:
+            return rest[self._cold_start(rest, budget, seed)]
+        margin = model.margin(self.pool.emb[rest])[0].astype(np.float64)
+        if strategy == "margin":
+            return rest[np.argsort(margin, kind="stable")[:budget]]
+        return rest[self._cluster_margin(rest, margin, budget, seed, with_entropy=strategy.endswith("entropy"))]
+
+    def _cold_start(self, rest: np.ndarray, budget: int, seed: int) -> np.ndarray:
+        from bench.quality import Runner, Strategy
+
+        return Runner(self.pool.subset(rest), budget, seed).pick(Strategy("labelnext", "pipeline")).rows
+
+    def _cluster_margin(self, rest: np.ndarray, margin: np.ndarray, budget: int, seed: int,
+                        with_entropy: bool) -> np.ndarray:
+        """The real ``assign`` and ``Selector`` (default config) over every unlabelled document with its margin,
+        as the pipeline's select stage sees them when labels exist."""
+        from labelnext.ops.columns import CLUSTER_ID, MARGIN
+        from labelnext.ops.select import Selector, percentile_within
+
+        from bench.quality import assign, select_rows, with_features
+
+        sub = self.pool.subset(rest)
+        assigned, sizes = assign(sub, budget, self.cfg, seed)
+        table = with_features(assigned, sub, scored=False)
+        if with_entropy:
+            # Lowest margin first, the LLM's entropy breaking near-ties: both as percentiles within the cluster.
+            clusters = table.column(CLUSTER_ID).to_numpy()
+            entropy = sub.scores.column("uncertainty").to_numpy(zero_copy_only=False).astype(np.float64)
+            entropy = np.where(np.isfinite(entropy), entropy, -np.inf)
+            margin = percentile_within(margin, clusters) - ENTROPY_WEIGHT * percentile_within(entropy, clusters)
+        table = table.append_column(MARGIN, pa.array(margin, pa.float64()))
+        return select_rows(Selector(self.cfg.select).select(table, sizes, budget), table)
+
+
+def needs_llm(strategies: list[str], select_cfg) -> bool:
+    from labelnext.ops.select import uses_llm
+
+    cold_start_based = {"coldstart", "margin", "labelnext"} & set(strategies)
+    return "labelnext+entropy" in strategies or (bool(cold_start_based) and uses_llm(select_cfg))
+
+
+def bench_loop(name: str, loop: Loop, strategies: list[str], rounds: int, seeds: int, cache,
+               keys: dict[tuple[str, int], str]) -> list[LoopResult]:
+    """Every strategy and seed; ``cache`` (a ``ResultCache``) keeps each (strategy, seed) curve by ``keys``."""
+    results = []
+    for seed in range(seeds):
+        for st in strategies:
+            if st in anchors.ANCHORS and seed >= ANCHOR_SEEDS:
+                continue
+            if cache.get(keys[(st, seed)]) is None:
+                cache.put(keys[(st, seed)], loop.run(st, rounds, seed))
+            for r, (labels, f1) in enumerate(cache.get(keys[(st, seed)]), start=1):
+                results.append(LoopResult(name, st, seed, r, labels, f1))
+        log(f"{name}: loop seed {seed} done")
+    return results
+
+
+# -- reporting --------------------------------------------------------------------------------------------
+def _index(results: list[LoopResult]) -> dict[tuple[str, str, int, int], float]:
+    return {(r.dataset, r.strategy, r.round, r.seed): r.f1 for r in results}
+
+
+def _paired(f1, names: list[str], rnd: int, st: str, ref: str, seeds: list[int]) -> tuple[float, float]:
+    """Mean over the seeds both strategies ran of the dataset-averaged difference, with its standard error."""
+    seeds = [s for s in seeds if (names[0], st, rnd, s) in f1 and (names[0], ref, rnd, s) in f1]
+    diffs = np.array([np.mean([f1[(d, st, rnd, s)] - f1[(d, ref, rnd, s)] for d in names]) for s in seeds])
+    return float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+
+
+def render_loop(results: list[LoopResult], names: list[str], strategies: list[str], rounds: int,
+                per_round: int) -> str:
+    f1 = _index(results)
+    seeds = sorted({r.seed for r in results})
+    rnds = list(range(1, rounds + 1))
+    head = ["strategy", *[f"{r * per_round} labels" for r in rnds]]
+
+    def mean(st, r, ds=names):
+        return float(np.mean([f1[(d, st, r, s)] for d in ds for s in seeds if (d, st, r, s) in f1]))
+
+    avg = markdown_table(head, [[st, *[f"{mean(st, r):.3f}" for r in rnds]] for st in strategies])
+    deltas = []
+    for st in strategies:
+        for ref in ("random", "coldstart"):
+            if st == ref or (ref == "coldstart" and (st == "random" or ref not in strategies)):
+                continue
+            cells = []
+            for r in rnds:
+                m, se = _paired(f1, names, r, st, ref, seeds)
+                worst = min(names, key=lambda d: mean(st, r, [d]) - mean(ref, r, [d]))
+                cells.append(f"{m:+.3f} ± {se:.3f} (worst {mean(st, r, [worst]) - mean(ref, r, [worst]):+.3f} "
+                             f"{worst})")
+            deltas.append([f"{st} - {ref}", *cells])
+    per_ds = [f"### {d}\n\n" + markdown_table(head, [[st, *[f"{mean(st, r, [d]):.3f}" for r in rnds]]
+                                                     for st in strategies]) for d in names]
+    return "\n".join([
+        f"# Simulated nightly loop: {rounds} rounds of {per_round} labels, {len(seeds)} seeds "
+        f"({min(len(seeds), ANCHOR_SEEDS)} for the anchors)",
+        "",
+        "Macro-F1 of the task model (logistic regression on the labels so far) on the held-out test split, "
+        "averaged over datasets and seeds. A pool smaller than the labels asked for is used up: its later rounds "
+        "are the whole pool for every strategy.",
+        "",
+        avg,
+        "",
+        "Differences, paired by seed and averaged over datasets (± SE over seeds; worst single dataset):",
+        "",
+        markdown_table(["difference", *head[1:]], deltas),
+        "",
+        loop_verdict(f1, names, strategies, rounds, per_round, seeds),
+        "",
+        "## Per dataset",
+        "",
+        "\n\n".join(per_ds),
+        "",
+    ])
+
+
+def loop_verdict(f1, names: list[str], strategies: list[str], rounds: int, per_round: int, seeds: list[int]) -> str:
+    lines = []
+    if not {"labelnext", "coldstart", "typiclust"} <= set(strategies):
+        return "(acceptance needs labelnext, coldstart and typiclust)"
+    for labels in (600, 1000):
+        if labels % per_round or labels // per_round > rounds:
+            continue
+        r = labels // per_round
+        vr, vc = _paired(f1, names, r, "labelnext", "random", seeds), _paired(f1, names, r, "labelnext", "coldstart", seeds)
+        ok = vr[0] >= 0.05 and vc[0] >= 0.02
+        lines.append(f"- {labels} labels: labelnext - random {vr[0]:+.3f} ± {vr[1]:.3f} (>= +0.050), labelnext - "
+                     f"repeated cold start {vc[0]:+.3f} ± {vc[1]:.3f} (>= +0.020): {'PASS' if ok else 'FAIL'}")
+    t = _paired(f1, names, 1, "labelnext", "typiclust", seeds)
+    lines.append(f"- round 1: labelnext - TypiClust {t[0]:+.3f} ± {t[1]:.3f} (>= 0): {'PASS' if t[0] >= 0 else 'FAIL'}")
+    for r in range(2, rounds + 1) if "labelnext+entropy" in strategies else ():
+        e = _paired(f1, names, r, "labelnext+entropy", "labelnext", seeds)
+        lines.append(f"- LLM entropy as tie-breaker, {r * per_round} labels: {e[0]:+.3f} ± {e[1]:.3f}")
+    return "\n".join(lines)

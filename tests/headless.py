@@ -1,0 +1,36 @@
+"""Headless Chromium for tests that look at report.html as a browser renders it (no network, no profile)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+_NAMES = ("chromium", "chromium-browser", "google-chrome")
+_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+          "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars")
+
+
+def chromium() -> str:
+    for name in _NAMES:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise RuntimeError("chromium not found on PATH: `make test` installs it (apt-get install -y chromium)")
+
+
+def _run(page: Path, *args: str) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        return subprocess.run([chromium(), *_FLAGS, f"--user-data-dir={profile}", *args, page.resolve().as_uri()],
+                              capture_output=True, text=True, timeout=120, check=True)
+
+
+def dump_dom(page: Path) -> str:
+    """The DOM after Chromium has loaded and laid out the page, serialised as HTML."""
+    return _run(page, "--dump-dom").stdout
+
+
+def screenshot(page: Path, png: Path, width: int = 1000, height: int = 1400) -> Path:
+    _run(page, f"--screenshot={png.resolve()}", f"--window-size={width},{height}")
+    return png
