@@ -62,7 +62,9 @@ def with_scores(candidates: pa.Table) -> pa.Table:
 
 
 def _pipeline(tmp_path, budget: int) -> SelectionPipeline:
-    return SelectionPipeline(RunConfig(), RunRequest(corpus=str(tmp_path), output=str(tmp_path / "out"), budget=budget,
+    # An LLM-ranked rule: its candidates carry text for the score stage (the default cold start needs none).
+    cfg = RunConfig.model_validate({"select": {"rule": "typical_uncertain", "quota": "size"}})
+    return SelectionPipeline(cfg, RunRequest(corpus=str(tmp_path), output=str(tmp_path / "out"), budget=budget,
                                              run_id="r", run_date="2026-01-01"))
 
 

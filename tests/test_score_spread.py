@@ -41,7 +41,8 @@ def stand_in_scorer(monkeypatch):
 
 
 def test_two_actors_each_score_30_to_70_percent(ray_local, stand_in_scorer, tmp_path):
-    cfg = RunConfig.model_validate({"score": {"backend": "transformers", "batch_tokens": 4096, "max_tokens": 512}})
+    cfg = RunConfig.model_validate({"score": {"backend": "transformers", "batch_tokens": 4096, "max_tokens": 512},
+                                   "select": {"rule": "typical_uncertain"}})
     assert sc.docs_per_batch(cfg.score) == 32
     pipe = SelectionPipeline(cfg, RunRequest(corpus=str(tmp_path), output=str(tmp_path / "out"), budget=80,
                                              run_id="r", run_date="2026-01-01"))
