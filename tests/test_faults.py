@@ -23,6 +23,8 @@ from tests.s3_fixtures import s3_bucket, s3_endpoint, s3_env  # noqa: F401 (fixt
 pytestmark = pytest.mark.slow
 
 RUN = ("--budget", "8", "--run-date", "2026-11-25", *QUICK)
+# A rule that scores with the LLM, so the run has score actors to kill (the default cold start has none).
+LLM_RUN = (*RUN, "--set", "select.rule=typical_uncertain")
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,11 @@ def _kill_busy_actors(pid: int, names: list[str], killed: list[str], timeout: fl
 def test_killed_embed_and_score_actors_are_restarted_and_the_selection_is_unchanged(small_corpus, tmp_path):
     # Separate outputs: a shared one would share the ledger (excluding the first run's picks) and the cache.
     calm_out, killed_out = tmp_path / "calm", tmp_path / "killed"
-    calm = labelnext("run", "--corpus", str(small_corpus), "--output", str(calm_out), "--run-id", "r", *RUN)
+    calm = labelnext("run", "--corpus", str(small_corpus), "--output", str(calm_out), "--run-id", "r", *LLM_RUN)
     assert calm.returncode == 0, calm.stderr[-3000:]
 
     proc = subprocess.Popen(
-        cli_args("run", "--corpus", str(small_corpus), "--output", str(killed_out), "--run-id", "r", *RUN,
+        cli_args("run", "--corpus", str(small_corpus), "--output", str(killed_out), "--run-id", "r", *LLM_RUN,
                  "--set", "embed.batch_size=8"),  # several embed batches, so the kill lands mid-stage
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
