@@ -105,6 +105,9 @@ def run(
     from labelnext.ops.storage import StorageError, validate_run_date, validate_run_id
     from labelnext.pipelines.selection import PipelineError, RunRequest, run_pipeline
 
+    from labelnext.pipelines.stderr_filter import filter_stderr
+
+    filter_stderr()
     _setup_logging(verbose)
     _hide_ray_data_tracebacks(verbose)
     try:

@@ -202,8 +202,7 @@ def build_report(
     reserved = ledger.reserved_usd()
     total = held["usd"]
     full_small = full_pass_usd(corpus_tokens_estimate, score, prices)
-    scored = score.tokens is not None and score.tokens > 0
-    full_big = reference_model_usd(corpus_tokens_estimate, prices) if scored else float("nan")
+    full_big = reference_model_usd(corpus_tokens_estimate, prices)
     tokens_per_s, _ = scoring_throughput(score)
     savings = full_small / total if total > 0 and math.isfinite(full_small) else float("nan")
     return {
@@ -232,7 +231,7 @@ def build_report(
         },
         "savings_ratio": savings,
         "hardware": hardware,
-        "headline": headline(savings, total, full_small, score.docs, accepted_docs),
+        "headline": headline(savings, total, full_small, full_big, score.docs, accepted_docs),
     }
 
 
@@ -252,9 +251,14 @@ def assumptions(prices: CostConfig, accepted: int, sample: int, score: StageCost
     }
 
 
-def headline(savings: float, total: float, full_small: float, scored: int, accepted: int) -> str:
+def headline(savings: float, total: float, full_small: float, full_big: float, scored: int, accepted: int) -> str:
     if not math.isfinite(savings):
-        return f"This run cost ${total:.4f}; no LLM scoring happened, so there is no full-pass comparison."
+        # The selection rule did not need the LLM (a cold start picks cluster representatives): the
+        # scoring model's throughput was not measured, but the 70B-class pass is priced from FLOPs alone.
+        if math.isfinite(full_big) and full_big > 0 and total > 0:
+            return (f"No document went through the LLM; this run cost ${total:.4f}, "
+                    f"{full_big / total:,.1f}x less than a 70B-class model over every document (${full_big:.4f}).")
+        return f"This run cost ${total:.4f}; no document went through the LLM."
     return (
         f"labelnext scored {scored:,} of {accepted:,} documents with the LLM and cost ${total:.4f} (all the "
         f"cluster held for the run), {savings:.1f}x less than scoring every document (${full_small:.4f})."

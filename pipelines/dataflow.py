@@ -8,6 +8,7 @@ in ``labelnext.pipelines.selection``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pyarrow as pa
 from labelnext.ops import read as rd
 from labelnext.ops.cluster import rand_keys, train_kmeans
 from labelnext.ops.candidates import CandidatePlan, block_candidates, merge_candidates
-from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
+from labelnext.ops.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
 from labelnext.ops.contract import StageContract
 from labelnext.ops.instrument import BUSY_S, NODE_ID
 from labelnext.ops.quiet import quiet_third_party, worker_env
@@ -260,39 +261,67 @@ def attach_columns(left: pa.Table, right: pa.Table) -> pa.Table:
 CANDIDATE_KEYS = (DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY)
 
 
-def per_cluster_candidates(assigned, plan: CandidatePlan) -> pa.Table:
-    """The exact candidates (slim columns and ``candidate_reason``), sorted by cluster then doc_id.
+def per_cluster_candidates(assigned, plan: CandidatePlan, columns: list[str]) -> pa.Table:
+    """The exact candidates with ``columns`` of their rows and ``candidate_reason``, sorted by cluster then doc_id.
 
-    Runs on the cluster: each block keeps its rows that could make a cluster's quota, then a groupby brings
-    each cluster's survivors together and picks its candidates. The driver receives only the candidates.
+    Runs on the cluster: each block keeps its rows that could make a cluster's quota, a groupby brings each
+    cluster's survivors together and picks its candidates, and a filter over ``assigned`` fetches the picked
+    rows. The picks stay in the object store, so the driver receives the candidates once, with every column.
     """
+    import ray
+
     slim = list(dict.fromkeys((*CANDIDATE_KEYS, plan.near_key)))
     partial = assigned.select_columns(slim).map_batches(
         block_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow")
     merged = partial.groupby(CLUSTER_ID).map_groups(merge_candidates, fn_kwargs={"plan": plan},
                                                     batch_format="pyarrow")
-    table = collect(merged)
-    return table.sort_by([(CLUSTER_ID, "ascending"), (DOC_ID, "ascending")]) if table.num_rows else table
+    picks = ray.remote(_concat_picks).remote(*merged.select_columns([DOC_ID, CANDIDATE_REASON]).to_arrow_refs())
+    expected = ray.get(ray.remote(_num_rows).remote(picks))
+    if expected == 0:
+        return pa.table({})
+    wanted = list(dict.fromkeys((DOC_ID, *columns)))
+    table = collect(assigned.select_columns(wanted).map_batches(
+        _keep_picked, fn_kwargs={"picks": picks}, batch_format="pyarrow"))
+    found = pa.compute.count_distinct(table.column(DOC_ID)).as_py() if table.num_rows else 0
+    if found != expected or table.num_rows != expected:
+        raise ValueError(f"{expected} candidates picked but {table.num_rows} rows ({found} distinct doc_ids) "
+                         "came back when fetching their columns: doc_ids must be unique")
+    return table.sort_by([(CLUSTER_ID, "ascending"), (DOC_ID, "ascending")])
 
 
-def attach_rows(table: pa.Table, ds, columns: list[str]) -> pa.Table:
-    """``table`` (candidate-sized, with ``doc_id``) with ``columns`` of its rows in ``ds`` appended."""
-    ids = table.column(DOC_ID)
-    rows = rows_for_ids(ds, ids, [DOC_ID, *columns])
-    found = pa.compute.count_distinct(rows.column(DOC_ID)).as_py() if rows.num_rows else 0
-    if found != len(ids):
-        raise ValueError(f"{len(ids) - found} of {len(ids)} rows have no match for their doc_id when joining "
-                         f"back {', '.join(columns)}")
-    return attach_columns(table, rows.select([DOC_ID, *columns]))
+def _concat_picks(*tables: pa.Table) -> pa.Table:
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({DOC_ID: pa.array([], pa.string()), CANDIDATE_REASON: pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="default").combine_chunks()
 
 
-def in_blocks(table: pa.Table, rows_per_block: int):
-    """A driver-side table as a dataset of ``rows_per_block``-row blocks: an actor pool hands a block to one
-    actor, so a single block would keep the rest of the pool idle."""
+def _num_rows(table: pa.Table) -> int:
+    return table.num_rows
+
+
+def _keep_picked(table: pa.Table, picks) -> pa.Table:
+    """The rows of ``table`` that were picked, with the reason they were picked."""
+    if not isinstance(picks, pa.Table):
+        import ray
+
+        picks = ray.get(picks)
+    ids = picks.column(DOC_ID)
+    kept = table.filter(pa.compute.is_in(table.column(DOC_ID), value_set=ids))
+    where = pa.compute.index_in(kept.column(DOC_ID), value_set=ids)
+    return kept.append_column(CANDIDATE_REASON, picks.column(CANDIDATE_REASON).take(where))
+
+
+def rows_dataset(ds, ids, columns: list[str], rows_per_block: int):
+    """The rows of ``ds`` whose doc_id is in ``ids``, materialised on the cluster in ``rows_per_block``-row blocks
+    (an actor pool hands a block to one actor: one block would keep the rest idle). Materialised first, so an
+    actor pool that takes every CPU downstream cannot starve the filter's tasks."""
     import ray
 
-    step = max(1, int(rows_per_block))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)] or [table])
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    kept = ds.select_columns(columns).map_batches(_keep_ids, fn_kwargs={"ids": ray.put(ids.unique())},
+                                                  batch_format="pyarrow")
+    return kept.repartition(max(1, math.ceil(len(ids) / max(1, int(rows_per_block))))).materialize()
 
 
 def init_ray(cfg: RunConfig) -> None:

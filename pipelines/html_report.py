@@ -46,7 +46,12 @@ def savings_sentence(cost: dict[str, Any]) -> str:
     ratio = finite(cost.get("savings_ratio"))
     full = finite(cost.get("counterfactuals", {}).get("full_pass_scoring_model_usd"))
     if ratio is None or full is None:
-        return "No LLM scoring happened in this run, so there is no full-pass comparison."
+        big, total = finite(cost.get("counterfactuals", {}).get("full_pass_70b_usd")), finite(cost.get("total_usd"))
+        if big and total:
+            return (f"No document went through the LLM in this run (its selection rule does not use it). "
+                    f"A 70B-class model over every document would have cost {usd(big)}; this run cost "
+                    f"{usd(total)} in all, {big / total:,.1f}x less.")
+        return "No document went through the LLM in this run, so there is no full-pass comparison."
     return (f"Scoring every document with the same LLM would have cost {usd(full)}; this run cost "
             f"{usd(cost.get('total_usd'))} in all, {ratio:,.1f}x less.")
 

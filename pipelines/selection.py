@@ -124,9 +124,9 @@ class SelectionPipeline:
             task = self.task_model(placement)
             clusters = self.cluster(embedded, placement, task)
             del embedded  # from here the assigned dataset is the one corpus-sized dataset in the object store
-            candidates = self.candidates(clusters, texts)
+            candidates = self.candidates(clusters)
             self.counts["candidates"] = candidates.num_rows
-            scored = self.score(candidates, placement)
+            scored = self.score(candidates, texts, placement)
             selected = self.select(scored, clusters.sizes)
             self.write(writer, selected, scored, clusters, rejected, texts)
             self.record_task_model(writer, task, selected)
@@ -259,41 +259,39 @@ class SelectionPipeline:
         log.info("cluster: k=%d trained on %d docs, assigned %d in %.1fs", k, len(sample), n, st.wall_s)
         return Clusters(assigned, centroids, np.asarray(sizes, dtype=np.int64))
 
-    def candidates(self, clusters: Clusters, texts) -> pa.Table:
-        """The candidates with their vectors (from ``clusters.assigned``) and text (from ``texts``).
+    def candidates(self, clusters: Clusters) -> pa.Table:
+        """The candidates with their vectors and cluster columns (from ``clusters.assigned``), no text.
 
-        The per-cluster top-k runs on the cluster over slim columns; vectors and text are then fetched for the
-        candidate ids only, so the driver holds candidate-sized tables, never the corpus.
+        The per-cluster top-k runs on the cluster over slim columns; the picked rows are then fetched in one
+        distributed filter, so the driver holds candidate-sized tables, never the corpus.
         """
         self._check(cand.CONTRACT, clusters.assigned)
         assigned_columns = flow.columns_of(clusters.assigned)
         near_key = MARGIN if MARGIN in assigned_columns else DISTANCE
         plan = cand.plan_candidates(clusters.sizes, self.req.budget, self.cfg.candidates, near_key=near_key)
-        table = flow.per_cluster_candidates(clusters.assigned, plan)
+        columns = [c for c in assigned_columns if c not in {TEXT, NODE_ID, BUSY_S, ACTOR_ID}]
+        try:
+            table = flow.per_cluster_candidates(clusters.assigned, plan, columns)
+        except ValueError as exc:
+            raise PipelineError(f"stage candidates: {exc}") from None
         if table.num_rows:
-            skip = {*table.column_names, TEXT, NODE_ID, BUSY_S, ACTOR_ID}  # text: only when scored, below
-            vectors = [c for c in assigned_columns if c not in skip]
-            try:
-                table = flow.attach_rows(table, clusters.assigned, vectors)
-            except ValueError as exc:
-                raise PipelineError(f"stage candidates: {exc}") from None
-            table = self._with_corpus_text(table, texts)
             self._check(cand.CONTRACT, table, output=True)
         log.info("candidates: %d from %d clusters (budget %d)", table.num_rows, int((clusters.sizes > 0).sum()),
                  self.req.budget)
         return table
 
-    def score(self, candidates: pa.Table, placement: Placement) -> pa.Table:
+    def score(self, candidates: pa.Table, texts, placement: Placement) -> pa.Table:
+        """The LLM's uncertainty for every candidate. The text is read back from the corpus for the candidates
+        alone, on the cluster, and never reaches the driver; only the scores come back."""
         p = placement.score
         if not sel.uses_llm(self.cfg.select) or candidates.num_rows == 0 or self._llm_skipped():
             self.counts["candidates_scored"] = 0
             return candidates
         from labelnext.ops import score as sc
 
-        self._check(sc.CONTRACT, candidates)
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
-            # Blocks of one Ray batch each, so every actor of the pool (every GPU, every node) gets a share.
-            ds = flow.in_blocks(candidates.select([DOC_ID, TEXT]), sc.docs_per_batch(self.cfg.score))
+            ds = flow.rows_dataset(texts, candidates.column(DOC_ID), [DOC_ID, TEXT], sc.docs_per_batch(self.cfg.score))
+            self._check(sc.CONTRACT, ds)
             scored = flow.collect(sc.score_dataset(
                 ds, self.cfg.score, use_gpu=p.use_gpu, concurrency=p.concurrency, num_gpus=p.num_gpus,
                 num_cpus=p.num_cpus, tensor_parallel_size=p.tensor_parallel_size))
@@ -310,6 +308,12 @@ class SelectionPipeline:
             if ACTOR_ID in scored.column_names:
                 st.extra["rows_per_actor"] = sorted(
                     pa.compute.value_counts(scored.column(ACTOR_ID)).field("counts").to_pylist(), reverse=True)
+                if BUSY_S in scored.column_names:  # each actor's own rate, for the full-pass counterfactual
+                    per_actor = scored.group_by(ACTOR_ID).aggregate([("n_tokens", "sum"), (BUSY_S, "sum")])
+                    st.extra["busy_by_actor"] = {
+                        str(a): (int(t or 0), float(b or 0.0)) for a, t, b in zip(
+                            per_actor.column(ACTOR_ID).to_pylist(), per_actor.column("n_tokens_sum").to_pylist(),
+                            per_actor.column(f"{BUSY_S}_sum").to_pylist())}
             st.extra["truncated_docs"] = int(pa.compute.sum(scored.column("truncated").cast(pa.int64())).as_py() or 0)
             st.extra["backend"] = sc.choose_backend(self.cfg.score.backend)
         self.counts["candidates_scored"] = st.docs
@@ -531,14 +535,6 @@ class SelectionPipeline:
         self._hold_labelled(accepted)
         return accepted.map_batches(ledger.drop_excluded, fn_kwargs={"excluded": ray.put(excluded)},
                                     batch_format="pyarrow")
-
-    def _with_corpus_text(self, candidates: pa.Table, texts) -> pa.Table:
-        """The candidates with their text, read back from the corpus for them alone, when the LLM scores them
-        (without scoring, only the selection's text comes back, in the write stage)."""
-        scoring = sel.uses_llm(self.cfg.select) and not self._llm_skipped()
-        if not scoring or TEXT in candidates.column_names or candidates.num_rows == 0:
-            return candidates
-        return flow.attach_columns(candidates, flow.rows_for_ids(texts, candidates.column(DOC_ID), [DOC_ID, TEXT]))
 
     def _exclusions(self) -> np.ndarray:
         """Sorted id hashes to leave out: the ledger of committed runs dated before this one (so a backfill of

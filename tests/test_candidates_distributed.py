@@ -49,7 +49,8 @@ def test_per_cluster_top_k_is_the_exact_global_answer(ray_local):
     expected = cand.merge_candidates(slim, plan).to_pylist()  # one table holding every row: the global answer
     assert len(expected) == 300
     for rows in (N, 333, 50):
-        assert flow.per_cluster_candidates(in_blocks(ray_local, table, rows), plan).to_pylist() == expected
+        got = flow.per_cluster_candidates(in_blocks(ray_local, table, rows), plan, list(flow.CANDIDATE_KEYS))
+        assert got.to_pylist() == expected
 
 
 def with_scores(candidates: pa.Table) -> pa.Table:
@@ -62,7 +63,6 @@ def with_scores(candidates: pa.Table) -> pa.Table:
 
 
 def _pipeline(tmp_path, budget: int) -> SelectionPipeline:
-    # An LLM-ranked rule: its candidates carry text for the score stage (the default cold start needs none).
     cfg = RunConfig.model_validate({"select": {"rule": "typical_uncertain", "quota": "size"}})
     return SelectionPipeline(cfg, RunRequest(corpus=str(tmp_path), output=str(tmp_path / "out"), budget=budget,
                                              run_id="r", run_date="2026-01-01"))
@@ -71,21 +71,19 @@ def _pipeline(tmp_path, budget: int) -> SelectionPipeline:
 def test_same_selection_whatever_the_block_layout(ray_local, tmp_path):
     table = assigned_table(seed=1)
     sizes = cand.cluster_sizes(table.column(CLUSTER_ID).to_numpy(), K)
-    texts = table.select([DOC_ID, TEXT])
     selections = []
     for rows in (N, 128, 37):
         pipe = _pipeline(tmp_path, budget=80)
         assigned = in_blocks(ray_local, table.drop_columns([TEXT]), rows)
         with DriverTelemetry() as telemetry:
-            candidates = pipe.candidates(Clusters(assigned, np.zeros((K, DIM), np.float32), sizes),
-                                         in_blocks(ray_local, texts, rows + 1))
-        assert candidates.num_rows == 400 and set(candidates.column_names) >= {TEXT, EMBEDDING, "candidate_reason"}
-        assert NODE_ID not in candidates.column_names
-        by_id = {r[DOC_ID]: r for r in table.select([DOC_ID, TEXT, EMBEDDING]).to_pylist()}
-        for row in candidates.select([DOC_ID, TEXT, EMBEDDING]).to_pylist():
+            candidates = pipe.candidates(Clusters(assigned, np.zeros((K, DIM), np.float32), sizes))
+        assert candidates.num_rows == 400 and set(candidates.column_names) >= {EMBEDDING, "candidate_reason"}
+        assert NODE_ID not in candidates.column_names and TEXT not in candidates.column_names
+        by_id = {r[DOC_ID]: r for r in table.select([DOC_ID, CLUSTER_ID, EMBEDDING]).to_pylist()}
+        for row in candidates.select([DOC_ID, CLUSTER_ID, EMBEDDING]).to_pylist():
             assert row == by_id[row[DOC_ID]]
-        # Slim rows, then vectors, then text, each for the candidates alone.
-        assert telemetry.rows_collected == 3 * candidates.num_rows
+        # The picks stay in the object store: the driver receives the candidates' rows once.
+        assert telemetry.rows_collected == candidates.num_rows
         selected = Selector(pipe.cfg.select).select(with_scores(candidates), sizes, 80)
         selections.append(selected.column(DOC_ID).to_pylist())
     assert selections[0] == selections[1] == selections[2]

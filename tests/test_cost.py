@@ -11,7 +11,7 @@ from labelnext.pipelines.config import CostConfig
 from labelnext.pipelines.cost import (
     CostLedger, StageCost, build_report, reference_model_usd, sample_texts, scoring_throughput,
 )
-from tests.cli_run import QUICK, labelnext, run_dir
+from tests.cli_run import LLM_RULE, QUICK, labelnext, run_dir
 
 PRICES = CostConfig(gpu_hour_usd=3.0, cpu_hour_usd=0.05)
 
@@ -66,7 +66,7 @@ def test_the_token_sample_is_seeded_random_and_independent_of_block_order(ray_lo
 def test_a_run_prices_each_stage_at_what_it_reserved_and_bills_what_it_held(sample_corpus, tmp_path):
     out = tmp_path / "out"
     proc = labelnext("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "6", "--run-id", "c",
-                     "--run-date", "2026-11-25", *QUICK)
+                     "--run-date", "2026-11-25", *QUICK, *LLM_RULE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cost = json.loads((run_dir(out, "c") / "cost_report.json").read_text())
     prices = cost["prices"]

@@ -219,7 +219,9 @@ def test_report_command_and_html_report_from_s3(night_two, s3):
     page = s3.client.get_object(Bucket=s3.bucket, Key=f"{_run_key('2026-11-25')}/report.html")
     assert page["ContentType"].startswith("text/html")
     html = page["Body"].read().decode()
-    assert "<svg" in html and "x less" in html and "cost per stage" in html.lower()
+    # The nightly default is a cold start without the LLM: the page says so and prices the 70B-class pass.
+    assert "<svg" in html and "cost per stage" in html.lower()
+    assert "No document went through the LLM" in html and "x less" in html
     for secret in (FAKE_ENV["AWS_SECRET_ACCESS_KEY"], "AWS_SECRET"):
         manifest = json.dumps(s3.json(f"{_run_key('2026-11-25')}/manifest.json"))
         assert f'"{secret}"' not in manifest and secret not in html
@@ -247,7 +249,9 @@ def test_downstream_readers_agree(night_two, s3, tmp_path):
         "duckdb": duckdb.sql(f"select {', '.join(cols)} from read_parquet('{local}/*.parquet')").df(),
     }
     for name, frame in frames.items():
-        assert sorted(map(tuple, frame.itertuples(index=False))) == expected, name
+        rows = [tuple(None if isinstance(v, float) and v != v else v for v in row)  # NaN is pandas' null
+                for row in frame.itertuples(index=False)]
+        assert sorted(rows) == expected, name
     assert len(expected) == BUDGET
 
 

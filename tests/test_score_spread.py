@@ -47,12 +47,19 @@ def test_two_actors_each_score_30_to_70_percent(ray_local, stand_in_scorer, tmp_
     pipe = SelectionPipeline(cfg, RunRequest(corpus=str(tmp_path), output=str(tmp_path / "out"), budget=80,
                                              run_id="r", run_date="2026-01-01"))
     n = 400
-    candidates = pa.table({DOC_ID: [f"d{i}" for i in range(n)], TEXT: ["x" * (i % 50) for i in range(n)]})
+    # The corpus in one block, the candidates a fifth of it: the stage re-blocks what it reads back.
+    corpus = pa.table({DOC_ID: [f"d{i}" for i in range(5 * n)], TEXT: ["x" * (i % 50) for i in range(5 * n)]})
+    texts = ray_local.data.from_arrow(corpus)
+    candidates = pa.table({DOC_ID: [f"d{i}" for i in range(0, 5 * n, 5)][::-1]})
     cpu = StagePlacement(use_gpu=False, num_gpus=0.0, num_cpus=1.0, concurrency=2)
-    scored = pipe.score(candidates, Placement(embed=cpu, score=cpu))
+    scored = pipe.score(candidates, texts, Placement(embed=cpu, score=cpu))
     assert scored.column(DOC_ID).to_pylist() == candidates.column(DOC_ID).to_pylist()
-    assert scored.column("n_tokens").to_pylist() == [i % 50 for i in range(n)]
+    assert scored.column("n_tokens").to_pylist() == [i % 50 for i in range(0, 5 * n, 5)][::-1]
+    assert TEXT not in scored.column_names  # text stays on the cluster
     assert set(SCORE_COLUMNS) <= set(scored.column_names)
     per_actor = pipe.ledger.stages["score"].extra["rows_per_actor"]
     assert len(per_actor) == 2 and sum(per_actor) == n
     assert all(0.3 * n <= rows <= 0.7 * n for rows in per_actor), per_actor
+    busy = pipe.ledger.stages["score"].extra["busy_by_actor"]  # each actor's own rate for the cost report
+    assert len(busy) == 2 and sum(t for t, _ in busy.values()) == sum(scored.column("n_tokens").to_pylist())
+    assert all(b >= 0.2 for _, b in busy.values())  # the stand-in sleeps 0.2 s per batch

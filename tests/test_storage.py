@@ -287,14 +287,14 @@ def test_cache_files_are_keyed_by_content_and_model(tmp_path):
 
 
 # -- reports --------------------------------------------------------------------------------------------
-def _cost(savings: float | None = 12.5) -> dict:
+def _cost(savings: float | None = 12.5, big: float | None = 19.4) -> dict:
     return {
         "stages": {"read": {"wall_s": 1.0, "docs": 10, "cpu_s": 2.0, "accelerator_s": 0.0, "usd": 0.001},
                    "embed": {"wall_s": 2.0, "docs": 4, "reused": 6, "cpu_s": 2.0, "accelerator_s": 0.0,
                              "usd": 0.002}},
         "total_usd": 0.003, "total_wall_s": 3.0,
         "counterfactuals": {"full_pass_scoring_model_usd": 0.0375 if savings else None,
-                            "full_pass_70b_usd": 19.4 if savings else None, "annotation_usd": 1.0},
+                            "full_pass_70b_usd": big, "annotation_usd": 1.0},
         "savings_ratio": savings, "headline": "labelnext <scored> 4 of 10 documents",
     }
 
@@ -307,7 +307,10 @@ def test_html_report_is_self_contained_with_table_chart_and_sentence():
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "<script" not in page
     assert "excluded docs" in page
     unscored = render_html(_cost(None), {}, "r2", "2026-11-25")
-    assert "no full-pass comparison" in unscored and "n/a" in unscored
+    assert "No document went through the LLM" in unscored and "6,466.7x less" in unscored
+    assert "n/a" in unscored  # the scoring model's bar: its throughput was never measured
+    nothing = render_html(_cost(None, big=None), {}, "r3", "2026-11-25")
+    assert "no full-pass comparison" in nothing
 
 
 def test_report_reads_only_committed_runs_from_s3(s3_bucket, s3_env):
