@@ -85,3 +85,10 @@ def stopwatch() -> Iterator[list[float]]:
         yield box
     finally:
         box[0] = time.perf_counter() - start
+
+
+def publish(out: Path, text: str) -> None:
+    """Write a bench's markdown report to ``out`` and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import OUT, SHARED_DATA, gpu_description, log, markdown_table  # noqa: E402
+from bench.common import OUT, SHARED_DATA, gpu_description, log, markdown_table, publish  # noqa: E402
 
 # Weights and other large binaries are not exported: the GPU machine rebuilds the architectures from config.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf", ".h5", ".msgpack", ".ot")
@@ -494,9 +494,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                             compile_ceiling=not args.no_compile)
             agreement.update(agree)
     text = report(embed_rows, score_rows, agreement, header)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    publish(args.out, text)
     return 0
 
 

@@ -522,12 +522,14 @@ def verdict(results: list[Result], names: list[str], budgets: tuple[int, ...], f
     if quick:
         parts += ["", "(--quick: few seeds on a subset, too noisy to decide anything; the full run decides.)"]
     if family_names:
-        picks = lodo.lodo(f1, family_names, names, budgets_)
         parts += ["", "### Leave one dataset out", "",
-                  "For each held-out dataset the cold-start rule is picked on the other datasets only (largest "
-                  "worst-case gain over random across those datasets and all budgets) and reported on the held-out "
-                  "one. Cells: gain over random ± SE (paired by seed) / gain over TypiClust.", "",
-                  lodo.lodo_table(f1, picks, budgets_)]
+                  "For each held-out dataset the cold-start rule is picked on the other datasets only and reported "
+                  "on the held-out one. Cells: gain over random ± SE (paired by seed) / gain over TypiClust. "
+                  "Criteria (`bench/lodo.py`): `robust` = fewest (dataset, budget) cells significantly below random "
+                  "(mean + SE < 0), then the largest mean gain; `worst` = the largest worst-cell mean gain."]
+        for criterion in lodo.CRITERIA:
+            picks = lodo.lodo(f1, family_names, names, budgets_, criterion)
+            parts += ["", f"Criterion `{criterion}`:", "", lodo.lodo_table(f1, picks, budgets_)]
     return "\n".join(parts)
 
 

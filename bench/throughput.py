@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    OUT, ROOT, SHARED_DATA, log, machine_description, markdown_table, setup_env, stopwatch,
+    OUT, ROOT, SHARED_DATA, log, machine_description, markdown_table, publish, setup_env, stopwatch,
 )
 
 BARE_BATCH = 32  # sentence-transformers' own default batch size
@@ -371,9 +371,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (RuntimeError, FileNotFoundError) as exc:
             notes.append(f"end to end not measured: {exc}")
     text = render(rows, notes, args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    publish(args.out, text)
     return 0
 
 

@@ -36,9 +36,11 @@ _ROWS_PER_JOIN_PARTITION = 100_000
 
 
 def model_key(cfg: EmbedConfig) -> str:
-    """The encoder and the settings that change its vectors (truncation length)."""
+    """The encoder and the settings that change its vectors: truncation length, and the body's dtype when one is
+    forced (``auto`` resolves per device, the same on every night of one cluster, and keeps the older key)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model).strip("-") or "model"
-    return f"{slug}-seq{cfg.max_seq_length}"
+    dtype = "" if cfg.dtype == "auto" else f"-{cfg.dtype}"
+    return f"{slug}-seq{cfg.max_seq_length}{dtype}"
 
 
 def add_text_hash(table: pa.Table) -> pa.Table:

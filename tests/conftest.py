@@ -44,3 +44,27 @@ def ray_local():
     init_ray(RunConfig.model_validate({"ray": {"num_cpus": 2}}))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def committed_run(sample_corpus, tmp_path_factory):
+    """One real run with an LLM-ranked rule (every stage, the score stage included): (run folder, process)."""
+    from tests.cli_run import LLM_RULE, labelnext, run_dir
+
+    out = tmp_path_factory.mktemp("out")
+    proc = labelnext("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
+                     "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", *LLM_RULE, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir(out, "e2e"), proc
+
+
+@pytest.fixture(scope="session")
+def default_run(sample_corpus, tmp_path_factory):
+    """One real run with the packaged default config (a cold start: no LLM): the run folder."""
+    from tests.cli_run import labelnext, run_dir
+
+    out = tmp_path_factory.mktemp("out-default")
+    proc = labelnext("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
+                     "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir(out, "e2e")

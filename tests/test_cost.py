@@ -11,7 +11,6 @@ from labelnext.pipelines.config import CostConfig
 from labelnext.pipelines.cost import (
     CostLedger, StageCost, build_report, reference_model_usd, sample_texts, scoring_throughput,
 )
-from tests.cli_run import LLM_RULE, QUICK, labelnext, run_dir
 
 PRICES = CostConfig(gpu_hour_usd=3.0, cpu_hour_usd=0.05)
 
@@ -63,12 +62,9 @@ def test_the_token_sample_is_seeded_random_and_independent_of_block_order(ray_lo
 
 
 @pytest.mark.slow
-def test_a_run_prices_each_stage_at_what_it_reserved_and_bills_what_it_held(sample_corpus, tmp_path):
-    out = tmp_path / "out"
-    proc = labelnext("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "6", "--run-id", "c",
-                     "--run-date", "2026-11-25", *QUICK, *LLM_RULE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cost = json.loads((run_dir(out, "c") / "cost_report.json").read_text())
+def test_a_run_prices_each_stage_at_what_it_reserved_and_bills_what_it_held(committed_run):
+    run, _ = committed_run  # a real run with an LLM-ranked rule (conftest.py)
+    cost = json.loads((run / "cost_report.json").read_text())
     prices = cost["prices"]
     for name, st in cost["stages"].items():
         expected = st["wall_s"] * (st["cpus"] * prices["cpu_hour_usd"] + st["gpus"] * prices["gpu_hour_usd"]) / 3600
@@ -82,3 +78,5 @@ def test_a_run_prices_each_stage_at_what_it_reserved_and_bills_what_it_held(samp
     assert cf["scoring_tokens_per_s"] > 0 and math.isfinite(cf["full_pass_70b_usd"])
     assert cost["corpus"]["token_sample_docs"] == min(256, cost["corpus"]["accepted_docs"])
     assert set(cf["assumptions"]) >= {"corpus_tokens", "full_pass_scoring_model", "full_pass_70b"}
+    busy = cost["stages"]["score"]["busy_by_actor"]  # the throughput comes from each actor's own busy time
+    assert busy and sum(t for t, _ in busy.values()) == cost["stages"]["score"]["tokens"]

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from labelnext.ops.select import SELECTED_COLUMNS
-from tests.cli_run import LLM_RULE
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -28,24 +27,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
     )
 
 
-# LLM_RULE: the LLM-ranked rule, so the whole pipeline (score stage included) runs end to end; the default
-# cold start (no LLM) is pinned by the golden test below.
-@pytest.fixture(scope="module")
-def committed_run(sample_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out")
-    proc = run_cli("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
-                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", *LLM_RULE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out / "run_date=2026-11-25" / "run_id=e2e", proc
-
-
-@pytest.fixture(scope="module")
-def default_run(sample_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out-default")
-    proc = run_cli("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
-                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out / "run_date=2026-11-25" / "run_id=e2e"
+# committed_run (an LLM-ranked rule, so the score stage runs) and default_run (the packaged default, no LLM)
+# are session fixtures in conftest.py, shared with the cost and report tests.
 
 
 def test_contract_layout_manifest_and_counts(committed_run, sample_corpus):

@@ -21,7 +21,7 @@ from labelnext.pipelines.cost import STAGES
 from labelnext.pipelines.html_report import render_html
 from labelnext.pipelines.report import print_report
 from labelnext.pipelines.report_format import usd
-from tests.cli_run import QUICK, labelnext, run_dir
+from tests.cli_run import labelnext
 from tests.headless import dump_dom, screenshot
 
 SCIENTIFIC = re.compile(r"\d\.?\d*[eE][+-]?\d")
@@ -145,15 +145,6 @@ def test_distributed_pass_returns_the_sample_and_the_highlighted_selection_only(
 
 
 # -- a real run, rendered by a browser ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo_run(sample_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report-run")
-    proc = labelnext("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
-                     "--run-id", "demo", "--run-date", "2026-11-25", *QUICK)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir(out, "demo")
-
-
 def _nearest_texts(run: Path, corpus: Path, cluster: int) -> list[str]:
     """What the page should quote for ``cluster``: its nearest-to-centroid candidates' texts, from the
     run's scores and the corpus itself."""
@@ -168,11 +159,11 @@ def _nearest_texts(run: Path, corpus: Path, cluster: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_browser_shows_the_map_and_the_examples(demo_run, sample_corpus, tmp_path):
-    page = demo_run / "report.html"
+def test_browser_shows_the_map_and_the_examples(default_run, sample_corpus, tmp_path):
+    page = default_run / "report.html"
     dom = dump_dom(page)
-    selected = pq.read_table(demo_run / "selected")
-    centroids = pq.read_table(demo_run / "centroids.parquet")
+    selected = pq.read_table(default_run / "selected")
+    centroids = pq.read_table(default_run / "centroids.parquet")
     sizes = centroids.column("size").to_numpy()
     svg = re.search(r'<svg id="corpus-map".*?</svg>', dom, re.S)
     assert svg, "no corpus map on the page"
@@ -183,7 +174,7 @@ def test_browser_shows_the_map_and_the_examples(demo_run, sample_corpus, tmp_pat
     largest = int(np.argmax(sizes))
     section = re.search(rf"<section class=\"cluster\" id=\"cluster-{largest}\">.*?</section>", dom, re.S)
     assert section, f"no section for the largest cluster {largest}"
-    examples = _nearest_texts(demo_run, sample_corpus, largest)
+    examples = _nearest_texts(default_run, sample_corpus, largest)
     assert examples and all(html.escape(t, quote=False) in section.group(0) for t in examples)
     for row in selected.to_pylist():  # each selected text is quoted under its cluster, with its uncertainty
         if row["cluster_id"] == largest:
@@ -197,9 +188,9 @@ def test_browser_shows_the_map_and_the_examples(demo_run, sample_corpus, tmp_pat
 
 
 @pytest.mark.slow
-def test_report_open_prints_the_local_page_and_stages_in_order(demo_run):
-    proc = labelnext("report", str(demo_run), "--open")
+def test_report_open_prints_the_local_page_and_stages_in_order(default_run):
+    proc = labelnext("report", str(default_run), "--open")
     assert proc.returncode == 0, proc.stderr
-    assert f"report: {demo_run / 'report.html'}" in proc.stdout
+    assert f"report: {default_run / 'report.html'}" in proc.stdout
     assert _stage_rows(proc.stdout) == list(STAGES)
     assert not SCIENTIFIC.search(proc.stdout)

@@ -275,6 +275,7 @@ def test_cache_files_are_keyed_by_content_and_model(tmp_path):
     cache = EmbeddingCache(output, EmbedConfig())
     assert "model=bundled-all-MiniLM-L6-v2-seq256" in cache.dir
     assert model_key(EmbedConfig(max_seq_length=128)) != model_key(EmbedConfig())
+    assert model_key(EmbedConfig(dtype="float16")) != model_key(EmbedConfig()) == model_key(EmbedConfig(dtype="auto"))
     batch = {"doc_id": np.array(["a", "b"], dtype=object), "text": np.array(["x", "y"], dtype=object),
              "_text_hash": np.array(["h1", "h2"], dtype=object), "embedding": np.eye(2, 3, dtype=np.float32)}
     out = cache.write(dict(batch))
