@@ -73,18 +73,18 @@ class EmbeddingCache:
         cached = ray.data.read_parquet(
             files, filesystem=self.fs, columns=["doc_id", "text_hash", EMBEDDING], partitioning=None,
             include_paths=True)
-        kept = self.kept_copies(files)
+        partitions = max(1, min(256, math.ceil(n_docs / _ROWS_PER_JOIN_PARTITION)))
+        kept = self.kept_copies(files, partitions)
         if kept is not None:
             cached = cached.map_batches(_drop_other_copies, fn_kwargs={"kept": ray.put(kept)}, batch_format="pyarrow")
         cached = cached.drop_columns(["path"]).rename_columns({"text_hash": TEXT_HASH})
-        partitions = max(1, min(256, math.ceil(n_docs / _ROWS_PER_JOIN_PARTITION)))
         joined = docs.join(cached, "left_outer", partitions, on=("doc_id", TEXT_HASH)).materialize()
         misses = joined.filter(expr=col(EMBEDDING).is_null()).drop_columns([EMBEDDING])
         hits = joined.filter(expr=~col(EMBEDDING).is_null()).map_batches(
             _as_embedded, fn_kwargs={"columns": columns}, batch_format="numpy")
         return misses.materialize(), hits.materialize()
 
-    def kept_copies(self, files: list[str]) -> Optional[pa.Table]:
+    def kept_copies(self, files: list[str], partitions: int = 1) -> Optional[pa.Table]:
         """(doc_id, text_hash, path): for each key that several cache files hold, the file whose copy is used.
 
         None when every key is cached once (the usual case): a slim groupby over the keys finds out, and only
@@ -95,7 +95,7 @@ class EmbeddingCache:
 
         keys = ray.data.read_parquet(files, filesystem=self.fs, columns=["doc_id", "text_hash"], partitioning=None,
                                      include_paths=True)
-        repeated = _gather(keys.select_columns(["doc_id", "text_hash"]).groupby(["doc_id", "text_hash"]).count()
+        repeated = _gather(keys.select_columns(["doc_id", "text_hash"]).groupby(["doc_id", "text_hash"], num_partitions=partitions).count()
                            .filter(expr=col("count()") > 1).select_columns(["doc_id", "text_hash"]))
         if repeated.num_rows == 0:
             return None

@@ -259,6 +259,7 @@ def attach_columns(left: pa.Table, right: pa.Table) -> pa.Table:
 
 # -- candidates: the per-cluster top-k and the join back, both distributed --------------------------------
 CANDIDATE_KEYS = (DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY)
+CANDIDATES_PER_PARTITION = 5_000
 
 
 def per_cluster_candidates(assigned, plan: CandidatePlan, columns: list[str]) -> pa.Table:
@@ -273,8 +274,10 @@ def per_cluster_candidates(assigned, plan: CandidatePlan, columns: list[str]) ->
     slim = list(dict.fromkeys((*CANDIDATE_KEYS, plan.near_key)))
     partial = assigned.select_columns(slim).map_batches(
         block_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow")
-    merged = partial.groupby(CLUSTER_ID).map_groups(merge_candidates, fn_kwargs={"plan": plan},
-                                                    batch_format="pyarrow")
+    # Ray's default of 200 shuffle partitions is for corpus-sized data; the survivors are candidate-sized.
+    partitions = max(1, min(200, math.ceil(plan.total / CANDIDATES_PER_PARTITION)))
+    merged = partial.groupby(CLUSTER_ID, num_partitions=partitions).map_groups(
+        merge_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow")
     picks = ray.remote(_concat_picks).remote(*merged.select_columns([DOC_ID, CANDIDATE_REASON]).to_arrow_refs())
     expected = ray.get(ray.remote(_num_rows).remote(picks))
     if expected == 0:

@@ -373,9 +373,12 @@ class SelectionPipeline:
         return RunResult(run_uri=self.layout.uri(), manifest=manifest, cost_report=report)
 
     def estimate_corpus_tokens(self, embedded) -> tuple[float, int]:
-        """(estimated scoring tokens of every accepted document, documents in the seeded random sample)."""
+        """(estimated scoring tokens of every accepted document, documents in the seeded random sample).
+
+        Also when nothing was scored: the full-pass counterfactuals price the corpus's tokens whatever the rule.
+        """
         n = self.counts["accepted_docs"]
-        if not sel.uses_llm(self.cfg.select) or n == 0 or self._llm_skipped():
+        if n == 0:
             return 0.0, 0
         from labelnext.ops.score import count_tokens
 

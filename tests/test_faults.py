@@ -27,11 +27,14 @@ RUN = ("--budget", "8", "--run-date", "2026-11-25", *QUICK)
 LLM_RUN = (*RUN, "--set", "select.rule=typical_uncertain")
 
 
+SMALL_CORPUS = {"n_docs": 120, "seed": 5}
+
+
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     from labelnext.pipelines.sample_corpus import write_sample_corpus
 
-    return write_sample_corpus(tmp_path_factory.mktemp("faults") / "corpus.parquet", n_docs=120, seed=5)
+    return write_sample_corpus(tmp_path_factory.mktemp("faults") / "corpus.parquet", **SMALL_CORPUS)
 
 
 def _busy_actor(root: psutil.Process, name: str):
@@ -61,14 +64,20 @@ def _kill_busy_actors(pid: int, names: list[str], killed: list[str], timeout: fl
             time.sleep(0.05)
 
 
-def test_killed_embed_and_score_actors_are_restarted_and_the_selection_is_unchanged(small_corpus, tmp_path):
-    # Separate outputs: a shared one would share the ledger (excluding the first run's picks) and the cache.
-    calm_out, killed_out = tmp_path / "calm", tmp_path / "killed"
-    calm = labelnext("run", "--corpus", str(small_corpus), "--output", str(calm_out), "--run-id", "r", *LLM_RUN)
-    assert calm.returncode == 0, calm.stderr[-3000:]
+GOLDEN = REPO / "tests" / "golden" / "faults_selection.json"
 
+
+def calm_run_args(corpus, out) -> tuple[str, ...]:
+    return ("run", "--corpus", str(corpus), "--output", str(out), "--run-id", "r", *LLM_RUN)
+
+
+def test_killed_embed_and_score_actors_are_restarted_and_the_selection_is_unchanged(small_corpus, tmp_path):
+    """The killed run selects what a calm run of the same corpus and config selects: ``GOLDEN`` records the calm
+    run (``python -m tests.test_faults`` reruns it and rewrites the file; a change meant to alter the selection
+    rewrites it in the same commit)."""
+    calm = json.loads(GOLDEN.read_text())
     proc = subprocess.Popen(
-        cli_args("run", "--corpus", str(small_corpus), "--output", str(killed_out), "--run-id", "r", *LLM_RUN,
+        cli_args(*calm_run_args(small_corpus, tmp_path / "killed"),
                  "--set", "embed.batch_size=8"),  # several embed batches, so the kill lands mid-stage
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -81,10 +90,23 @@ def test_killed_embed_and_score_actors_are_restarted_and_the_selection_is_unchan
     assert killed == ["Embedder", "Score"], f"the test did not get to kill both actors: {killed}\n{stderr[-3000:]}"
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr
-    calm_run, killed_run = run_dir(calm_out, "r"), run_dir(killed_out, "r")
+    killed_run = run_dir(tmp_path / "killed", "r")
     assert manifest(killed_run)["status"] == "committed"
-    assert selected_ids(killed_run) == selected_ids(calm_run)
-    assert manifest(killed_run)["counts"] == manifest(calm_run)["counts"]
+    assert selected_ids(killed_run) == calm["selected_ids"]
+    assert manifest(killed_run)["counts"] == calm["counts"]
+
+
+def record_calm_run(out) -> dict:
+    """Run the calm run and return what ``GOLDEN`` records."""
+    from labelnext.pipelines.sample_corpus import write_sample_corpus
+
+    corpus = write_sample_corpus(out / "corpus.parquet", **SMALL_CORPUS)
+    proc = labelnext(*calm_run_args(corpus, out / "calm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = run_dir(out / "calm", "r")
+    return {"made_by": "a calm `labelnext run` of the small corpus with LLM_RUN (python -m tests.test_faults)",
+            "corpus": f"write_sample_corpus({', '.join(f'{k}={v}' for k, v in SMALL_CORPUS.items())})",
+            "selected_ids": selected_ids(run), "counts": manifest(run)["counts"]}
 
 
 # -- S3: transient errors are retried, permanent ones fail the run with the URI and leave no manifest --------
@@ -145,3 +167,12 @@ def test_missing_bucket_fails_fast_with_the_uri(small_corpus, s3_env):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert line.startswith("error:") and "lnx-no-such-bucket" in line, line
     assert "embed:" not in proc.stderr  # failed before any compute
+
+
+if __name__ == "__main__":
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        GOLDEN.write_text(json.dumps(record_calm_run(Path(tmp)), indent=1) + "\n")
+    print(f"wrote {GOLDEN}")

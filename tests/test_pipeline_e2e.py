@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from labelnext.ops.select import SELECTED_COLUMNS
+from tests.cli_run import LLM_RULE
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -97,6 +98,15 @@ def test_selection_matches_the_recorded_golden(default_run):
     assert selected.column("doc_id").to_pylist() == golden["doc_ids_by_rank"]
 
 
+def test_a_cold_start_without_the_llm_is_priced_against_a_70b_pass(default_run):
+    cost = json.loads((default_run / "cost_report.json").read_text())
+    assert "score" not in cost["stages"] or cost["stages"]["score"]["docs"] == 0
+    cf = cost["counterfactuals"]
+    assert cost["savings_ratio"] is None and cf["full_pass_scoring_model_usd"] is None  # no throughput measured
+    assert cost["corpus"]["estimated_tokens"] > 0 and cf["full_pass_70b_usd"] > cost["total_usd"] > 0
+    assert "No document went through the LLM" in cost["headline"] and "x less" in cost["headline"]
+
+
 def test_cost_report(committed_run):
     run_dir, _ = committed_run
     cost = json.loads((run_dir / "cost_report.json").read_text())
@@ -121,8 +131,11 @@ def test_report_command_prints_headline(committed_run):
 def test_rerun_same_run_id_replaces_whole(committed_run, sample_corpus):
     run_dir, _ = committed_run
     before = sorted(p.name for p in (run_dir / "assignments").iterdir())
+    # The same run again (the transformers backend, to skip a second vLLM start-up; the selection rule and
+    # every output are the same kind).
     proc = run_cli("run", "--corpus", str(sample_corpus), "--output", str(run_dir.parent.parent), "--budget", "12",
-                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", *LLM_RULE)
+                   "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", *LLM_RULE,
+                   "--set", "score.backend=transformers")
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = sorted(p.name for p in (run_dir / "assignments").iterdir())
     assert len(after) == len(before)
