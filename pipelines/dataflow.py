@@ -146,11 +146,16 @@ def _keep_ids(table: pa.Table, ids) -> pa.Table:
 def rows_for_ids(ds, ids, columns: list[str]) -> pa.Table:
     """``columns`` of the rows of ``ds`` whose doc_id is in ``ids``: a distributed filter, so only those rows
     (candidate-sized) reach the driver."""
+    return collect(_with_ids(ds, ids, columns))
+
+
+def _with_ids(ds, ids, columns: list[str]):
+    """``ds`` filtered on the cluster to the rows whose doc_id is in ``ids`` (broadcast once), ``columns`` only."""
     import ray
 
     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    return collect(ds.select_columns(columns).map_batches(_keep_ids, fn_kwargs={"ids": ray.put(ids.unique())},
-                                                          batch_format="pyarrow"))
+    return ds.select_columns(columns).map_batches(_keep_ids, fn_kwargs={"ids": ray.put(ids.unique())},
+                                                  batch_format="pyarrow")
 
 
 def take(ds, n: int) -> pa.Table:
@@ -319,11 +324,7 @@ def rows_dataset(ds, ids, columns: list[str], rows_per_block: int):
     """The rows of ``ds`` whose doc_id is in ``ids``, materialised on the cluster in ``rows_per_block``-row blocks
     (an actor pool hands a block to one actor: one block would keep the rest idle). Materialised first, so an
     actor pool that takes every CPU downstream cannot starve the filter's tasks."""
-    import ray
-
-    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
-    kept = ds.select_columns(columns).map_batches(_keep_ids, fn_kwargs={"ids": ray.put(ids.unique())},
-                                                  batch_format="pyarrow")
+    kept = _with_ids(ds, ids, columns)
     return kept.repartition(max(1, math.ceil(len(ids) / max(1, int(rows_per_block))))).materialize()
 
 
