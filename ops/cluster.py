@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -33,6 +33,11 @@ class ClusterConfig(StageSettings):
     # 4,000-cluster training on a few CPU cores to minutes; the GPU configs afford 256.
     train_sample: int = Field(default=64, gt=0, description="training points per centroid (capped by corpus size)")
     niter: int = Field(default=20, gt=0)
+    init: Literal["random", "kmeans++"] = Field(default="kmeans++", description="k-means seeding: random training "
+                                                 "points (faiss), or k-means++ (spreads the seeds, so small modes "
+                                                 "get their own centroid); bench/quality.py chose it")
+    init_sample: int = Field(default=16, gt=0, description="kmeans++: seeding points per centroid, the first of the "
+                             "(seeded, shuffled) training sample; seeding costs about init_sample x k^2 x dim x ln k")
     seed: int = 0
     warm_start: bool = False
 
@@ -73,12 +78,47 @@ def train_kmeans(
         max_points_per_centroid=max(cfg.train_sample, math.ceil(n / k)),
         min_points_per_centroid=1,
     )
-    if init_centroids is not None and init_centroids.shape == (k, d):
+    if init_centroids is None or init_centroids.shape != (k, d):
+        init_centroids = (kmeans_plusplus_seeds(x, k, cfg, device="cuda" if use_gpu else "cpu")
+                          if cfg.init == "kmeans++" else None)
+    if init_centroids is not None:
         kmeans.train(x, init_centroids=np.ascontiguousarray(init_centroids, dtype=np.float32))
     else:
         kmeans.train(x)
     objective = float(kmeans.obj[-1]) if len(kmeans.obj) else float("nan")
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32), objective
+
+
+def kmeans_plusplus_seeds(x: np.ndarray, k: int, cfg: ClusterConfig, device: str = "cpu") -> np.ndarray:
+    """Greedy k-means++ seeds (each step keeps the best of 2 + ln k draws, as scikit-learn does) from the first
+    ``init_sample x k`` rows of ``x``, on ``device`` (the training task's GPU when it has one).
+
+    The training rows arrive in a seeded random order, so their prefix is a random subsample.
+    """
+    import torch
+
+    m = min(len(x), max(k, cfg.init_sample * k))
+    pts = torch.from_numpy(np.ascontiguousarray(x[:m], dtype=np.float32)).to(device)
+    sq = (pts * pts).sum(1)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    trials = 2 + int(math.log(k))
+
+    def sq_dist(idx: torch.Tensor) -> torch.Tensor:  # m x len(idx) squared Euclidean distances
+        return (sq[:, None] + sq[idx][None, :] - 2.0 * (pts @ pts[idx].T)).clamp_min_(0.0)
+
+    chosen = torch.empty(k, dtype=torch.long, device=device)
+    chosen[0] = torch.randint(m, (1,), generator=gen, device=device)
+    closest = sq_dist(chosen[:1])[:, 0]
+    for i in range(1, k):
+        if float(closest.sum()) > 0:
+            draws = torch.multinomial(closest, trials, replacement=True, generator=gen)
+        else:  # every point coincides with a seed already: duplicates are unavoidable
+            draws = torch.randint(m, (trials,), generator=gen, device=device)
+        candidate = torch.minimum(sq_dist(draws), closest[:, None])
+        best = int(torch.argmin(candidate.sum(0)))
+        chosen[i] = draws[best]
+        closest = candidate[:, best]
+    return pts[chosen].cpu().numpy()
 
 
 def rand_keys(doc_ids: list[str], seed: int) -> np.ndarray:

@@ -127,3 +127,31 @@ def test_choose_k_is_bounded():
     assert choose_k(5, 40, ClusterConfig(k=64)) == 5
     with pytest.raises(ValueError, match="larger than"):
         train_kmeans(np.zeros((3, 4), np.float32), 5, ClusterConfig(), use_gpu=False)
+
+
+def test_kmeans_plus_plus_seeding_gives_small_modes_their_own_centroid():
+    """One large mode and three small far ones, k = 4: k-means++ (cluster.init) seeds every small mode in every
+    seed tried; faiss's random seeding (training points drawn uniformly) merges or splits them in some."""
+    rng = np.random.default_rng(0)
+    dim, small = 32, 20
+
+    def blob(axis: int, n: int) -> np.ndarray:
+        x = np.eye(dim)[axis] + 0.005 * rng.standard_normal((n, dim))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    x = np.vstack([blob(0, 2000)] + [blob(a, small) for a in (1, 2, 3)]).astype(np.float32)
+    mode = np.repeat([0, 1, 2, 3], [2000, small, small, small])
+    order = rng.permutation(len(x))
+    x, mode = x[order], mode[order]
+
+    def small_modes_alone(init: str, seed: int) -> int:
+        centroids, _ = train_kmeans(x, 4, ClusterConfig(init=init, seed=seed), use_gpu=False)
+        cluster = np.argmax(x @ centroids.T, axis=1)
+        return sum(len(set(cluster[mode == m])) == 1 and set(cluster[mode == m]).isdisjoint(cluster[mode != m])
+                   for m in (1, 2, 3))
+
+    assert [small_modes_alone("kmeans++", s) for s in range(8)] == [3] * 8
+    assert min(small_modes_alone("random", s) for s in range(8)) < 3
+    first, _ = train_kmeans(x, 4, ClusterConfig(init="kmeans++", seed=3), use_gpu=False)
+    again, _ = train_kmeans(x, 4, ClusterConfig(init="kmeans++", seed=3), use_gpu=False)
+    np.testing.assert_array_equal(first, again)  # seeded: a rerun trains the same centroids
