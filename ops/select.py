@@ -15,7 +15,9 @@ Rules (DESIGN.md section 6; ``bench/quality.py`` measures them):
 - ``stratified``: uniform within each cluster (smallest random keys), no LLM score needed: a random sample with
   less variance in what it covers, the floor every other rule is measured against.
 ``quota`` splits the budget over clusters: ``size`` proportionally to cluster size; ``cover`` one document per
-cluster first (largest clusters first when there are more clusters than slots), the rest by size.
+cluster first (largest clusters first when there are more clusters than slots), the rest by size. With a task
+model (labels), ``labels_quota`` splits it instead; its default, ``uncertainty``, weighs each cluster's size by
+its mean uncertainty (negative margin) above the most certain cluster's, so confident regions get few labels.
 Near-duplicates (cosine above ``dedup_threshold`` to an already-selected document) are skipped; if the
 quotas cannot be filled, the remaining slots go to the best remaining candidates overall.
 """
@@ -57,6 +59,10 @@ class SelectConfig(StageSettings):
     # With labels (input.labels), the task model's margin ranks documents within cluster quotas (Cluster-Margin).
     llm_with_labels: bool = Field(default=False, description="with labels, still score candidates with the LLM; "
                                   "its entropy then breaks near-ties of the margin")
+    labels_quota: Literal["uncertainty", "size", "cover"] = Field(
+        default="uncertainty", description="with labels, the split of the budget over clusters: proportional to "
+        "size x how much less certain the task model is in the cluster than in the most certain one, to size, or "
+        "as the cold start's quota (bench/quality.py --rounds measured them)")
     class_balance: float = Field(default=0.0, ge=0, le=1, description="with labels, tilt cluster quotas towards "
                                  "rare predicted labels (0 off, 1 full inverse class frequency)")
     task_model: TaskModelConfig = Field(default_factory=TaskModelConfig)
@@ -172,17 +178,23 @@ class Selector:
         clusters = table.column(CLUSTER_ID).to_numpy()
         available = np.bincount(clusters, minlength=len(sizes))
         weights = np.where(available > 0, sizes, 0).astype(np.float64)
-        if self.cfg.rule == "uncertainty_weighted":
-            finite = np.isfinite(prio)
-            means = np.array([prio[(clusters == c) & finite].mean() if ((clusters == c) & finite).any() else 0.0
-                              for c in range(len(sizes))])
-            floor = means[available > 0].min() if (available > 0).any() else 0.0
-            weights = weights * (means - floor + 1e-3)
+        quota = self.cfg.labels_quota if MARGIN in table.column_names else self.cfg.quota
+        if self.cfg.rule == "uncertainty_weighted" or quota == "uncertainty":
+            signal = prio  # with labels, the margin itself (prio may mix in within-cluster entropy percentiles)
+            if MARGIN in table.column_names:
+                signal = -table.column(MARGIN).to_numpy(zero_copy_only=False).astype(np.float64)
+            finite = np.isfinite(signal)
+            counts = np.bincount(clusters[finite], minlength=len(sizes))
+            sums = np.bincount(clusters[finite], weights=signal[finite], minlength=len(sizes))
+            means = np.divide(sums, counts, out=np.zeros(len(sizes)), where=counts > 0)
+            scored = (available > 0) & (counts > 0)
+            floor = means[scored].min() if scored.any() else 0.0
+            weights = weights * np.where(counts > 0, means - floor + 1e-3, 1e-3)
         if self.cfg.class_balance > 0 and PREDICTED_LABEL in table.column_names:
             predicted = np.array(table.column(PREDICTED_LABEL).to_pylist(), dtype=object)
             weights = weights * class_balance_tilt(clusters, predicted, self.label_counts, len(sizes),
                                                    self.cfg.class_balance)
-        if self.cfg.quota == "cover":
+        if quota == "cover":
             return cover_quotas(weights, budget, available)
         return proportional_quotas(weights, budget, capacity=available)
 

@@ -151,7 +151,7 @@ def select_by_margin(clusters: np.ndarray, margins: np.ndarray, sizes: np.ndarra
                      dedup_threshold: float = 0.95, seed: int = 0) -> np.ndarray:
     """Cluster-Margin on plain arrays, as the pipeline's select stage does it: row indices, best first.
 
-    Cluster quotas from ``sizes`` as the default ``select.quota`` splits them (tilted by ``class_balance``),
+    Cluster quotas from ``sizes`` as the default ``select.labels_quota`` splits them (tilted by ``class_balance``),
     lowest margin first within each cluster, near-duplicates (cosine above ``dedup_threshold`` between
     ``embeddings`` rows) skipped.
     """

@@ -122,7 +122,7 @@ def test_candidates_take_the_lowest_margin_per_cluster_plus_a_diverse_share():
 def test_selector_ranks_by_lowest_margin_within_cluster_quotas_without_llm_scores():
     table = _assigned()
     sizes = np.array([40, 20, 10, 10])
-    cfg = SelectConfig(quota="size")
+    cfg = SelectConfig(labels_quota="size")
     contract(cfg, margin=True).check_input(table.column_names + ["embedding"])  # no LLM score columns needed
     out = Selector(cfg).select(table, sizes, 8)
     assert out.column_names == list(SELECTED_COLUMNS)
@@ -136,10 +136,29 @@ def test_selector_ranks_by_lowest_margin_within_cluster_quotas_without_llm_score
     assert out.column(PREDICTED_LABEL).null_count == 0
 
 
+def test_with_labels_quotas_follow_size_times_how_uncertain_each_cluster_is():
+    """The default ``labels_quota``: a confident cluster gets few labels, an uncertain one of the same size many;
+    the cold start's ``quota`` does not apply once a task model ranks."""
+    n = 80
+    ids = [f"d{i:03d}" for i in range(n)]
+    clusters = np.repeat([0, 1, 2, 3], 20)
+    margin = np.concatenate([np.full(20, 0.9), np.full(20, 0.5), np.full(20, 0.1), np.full(20, 0.5)])
+    margin = margin + np.tile(np.linspace(0, 0.05, 20), 4)
+    table = pa.table({DOC_ID: ids, CLUSTER_ID: clusters.astype(np.int32),
+                      DISTANCE: np.zeros(n, np.float32), RAND_KEY: rand_keys(ids, 0), MARGIN: margin})
+    sizes = np.array([20, 20, 20, 40])
+    got = np.bincount(Selector(SelectConfig(quota="cover")).select(table, sizes, 12).column(CLUSTER_ID).to_numpy(),
+                      minlength=4)
+    # weights: size x (mean uncertainty - the most certain cluster's + 0.001): 0.02, 8.0, 16.0, 16.0 (x 1/1000)
+    assert got[0] == 0 and got[2] == got[3] > got[1] > 0 and got.sum() == 12
+    by_size = Selector(SelectConfig(labels_quota="size")).select(table, sizes, 12).column(CLUSTER_ID).to_numpy()
+    assert list(np.bincount(by_size, minlength=4)) == [3, 2, 2, 5]  # largest remainders: cluster 3, then 0
+
+
 def test_select_by_margin_on_plain_arrays_skips_near_duplicates():
     rng = np.random.default_rng(0)
     clusters = np.repeat([0, 1], 10)
-    margins = rng.random(20)
+    margins = np.tile(rng.random(10), 2)  # equally uncertain clusters: two picks each
     emb = rng.normal(size=(20, 8)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     lowest = int(np.argmin(np.where(clusters == 0, margins, np.inf)))
@@ -160,7 +179,7 @@ def test_class_balance_tilts_quotas_towards_rare_predicted_labels():
     half = class_balance_tilt(clusters, predicted, counts, 2, 0.5)
     assert full[1] / full[0] == pytest.approx((91 / 11), rel=1e-6)
     assert 1 < half[1] / half[0] < full[1] / full[0]
-    margins = np.linspace(0.1, 0.9, 20)
+    margins = np.tile(np.linspace(0.1, 0.9, 10), 2)  # both clusters equally uncertain: quotas follow size
     off = select_by_margin(clusters, margins, np.array([10, 10]), 6, predicted=predicted, label_counts=counts)
     on = select_by_margin(clusters, margins, np.array([10, 10]), 6, predicted=predicted, label_counts=counts,
                           class_balance=1.0)
