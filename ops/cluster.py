@@ -115,7 +115,7 @@ def kmeans_plusplus_seeds(x: np.ndarray, k: int, cfg: ClusterConfig, device: str
         else:  # every point coincides with a seed already: duplicates are unavoidable
             draws = torch.randint(m, (trials,), generator=gen, device=device)
         candidate = torch.minimum(sq_dist(draws), closest[:, None])
-        best = int(torch.argmin(candidate.sum(0)))
+        best = torch.argmin(candidate.sum(0))  # stays on the device: no host round-trip
         chosen[i] = draws[best]
         closest = candidate[:, best]
     return pts[chosen].cpu().numpy()

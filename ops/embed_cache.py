@@ -95,8 +95,9 @@ class EmbeddingCache:
 
         keys = ray.data.read_parquet(files, filesystem=self.fs, columns=["doc_id", "text_hash"], partitioning=None,
                                      include_paths=True)
-        repeated = _gather(keys.select_columns(["doc_id", "text_hash"]).groupby(["doc_id", "text_hash"], num_partitions=partitions).count()
-                           .filter(expr=col("count()") > 1).select_columns(["doc_id", "text_hash"]))
+        counts = keys.select_columns(["doc_id", "text_hash"]).groupby(["doc_id", "text_hash"],
+                                                                       num_partitions=partitions).count()
+        repeated = _gather(counts.filter(expr=col("count()") > 1).select_columns(["doc_id", "text_hash"]))
         if repeated.num_rows == 0:
             return None
         located = _gather(keys.map_batches(_rows_with_keys, fn_kwargs={"keys": ray.put(_key(repeated))},

@@ -159,6 +159,17 @@ def cover_quotas(weights: np.ndarray, total: int, capacity: np.ndarray) -> np.nd
     return quotas + proportional_quotas(weights, int(total) - len(first), capacity=capacity - quotas)
 
 
+def uncertainty_tilt(clusters: np.ndarray, signal: np.ndarray, k: int) -> np.ndarray:
+    """Per cluster: its mean finite ``signal`` (higher = less certain) above the lowest cluster mean, plus 1e-3;
+    clusters without a finite value get 1e-3."""
+    finite = np.isfinite(signal)
+    counts = np.bincount(clusters[finite], minlength=k)
+    sums = np.bincount(clusters[finite], weights=signal[finite], minlength=k)
+    means = np.divide(sums, counts, out=np.zeros(k), where=counts > 0)
+    floor = means[counts > 0].min() if (counts > 0).any() else 0.0
+    return np.where(counts > 0, means - floor + 1e-3, 1e-3)
+
+
 def _ranked_within(clusters: np.ndarray, prio: np.ndarray, tiebreak: np.ndarray) -> dict[int, list[int]]:
     order = np.lexsort((tiebreak, -prio, clusters))
     out: dict[int, list[int]] = {}
@@ -178,18 +189,13 @@ class Selector:
         clusters = table.column(CLUSTER_ID).to_numpy()
         available = np.bincount(clusters, minlength=len(sizes))
         weights = np.where(available > 0, sizes, 0).astype(np.float64)
-        quota = self.cfg.labels_quota if MARGIN in table.column_names else self.cfg.quota
+        has_margin = MARGIN in table.column_names
+        quota = self.cfg.labels_quota if has_margin else self.cfg.quota
         if self.cfg.rule == "uncertainty_weighted" or quota == "uncertainty":
-            signal = prio  # with labels, the margin itself (prio may mix in within-cluster entropy percentiles)
-            if MARGIN in table.column_names:
-                signal = -table.column(MARGIN).to_numpy(zero_copy_only=False).astype(np.float64)
-            finite = np.isfinite(signal)
-            counts = np.bincount(clusters[finite], minlength=len(sizes))
-            sums = np.bincount(clusters[finite], weights=signal[finite], minlength=len(sizes))
-            means = np.divide(sums, counts, out=np.zeros(len(sizes)), where=counts > 0)
-            scored = (available > 0) & (counts > 0)
-            floor = means[scored].min() if scored.any() else 0.0
-            weights = weights * np.where(counts > 0, means - floor + 1e-3, 1e-3)
+            # With labels, the margin itself (prio may mix in within-cluster entropy percentiles).
+            signal = (-table.column(MARGIN).to_numpy(zero_copy_only=False).astype(np.float64) if has_margin
+                      else prio)
+            weights = weights * uncertainty_tilt(clusters, signal, len(sizes))
         if self.cfg.class_balance > 0 and PREDICTED_LABEL in table.column_names:
             predicted = np.array(table.column(PREDICTED_LABEL).to_pylist(), dtype=object)
             weights = weights * class_balance_tilt(clusters, predicted, self.label_counts, len(sizes),
