@@ -160,6 +160,20 @@ def _tokenize_chunk(model: str, max_seq_length: int, texts: list[str]) -> list[n
     return _worker_tokenizer(model, max_seq_length)(texts)
 
 
+@lru_cache(maxsize=2)
+def _worker_score_tokenizer(settings: str):
+    ensure_labelnext()
+    from labelnext.ops.score import ScoreTokenizer
+    from labelnext.ops.score_settings import ScoreConfig
+
+    return ScoreTokenizer(ScoreConfig.model_validate_json(settings))
+
+
+def _score_tokenize_chunk(settings: str, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+    enc = _worker_score_tokenizer(settings)(texts)
+    return enc.ids, enc.truncated
+
+
 def _chunks(texts: list[str], size: int) -> list[list[str]]:
     return [texts[i:i + size] for i in range(0, len(texts), size)]
 
@@ -170,6 +184,7 @@ def bench_embed(texts: list[str], encoder: str, device: str, rounds: int, worker
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from labelnext.ops import embed as emb
     from labelnext.ops.embed import EmbedConfig, Embedder, resolve_encoder_path
     from labelnext.ops.tokenize import EncoderTokenizer
 
@@ -184,28 +199,38 @@ def bench_embed(texts: list[str], encoder: str, device: str, rounds: int, worker
 
     t, _ = best_of(rounds, lambda: tokenizer(texts), "cpu")
     rows.append(Row("tokenisation, one fast-tokenizer call, one process", n / t, "docs/s"))
-    chunk = max(64, n // (4 * workers))
+    if device == "cuda":
+        # The run's Ray batches, and enough of them (texts repeated) to keep every worker busy in a pipeline.
+        chunk = emb.ray_batch_docs(cfg, use_gpu=True)
+        stage_texts = texts * -(-4 * workers * chunk // n)
+    else:
+        chunk, stage_texts = max(8, n // (4 * workers)), texts
     # Spawned before the timed runs so process start-up is not counted (the stage's workers are long-lived).
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         warm = _chunks(texts, 8)[:workers]
         list(pool.map(_tokenize_chunk, [encoder] * len(warm), [cfg.max_seq_length] * len(warm), warm))
 
         def tokenize_parallel() -> list[np.ndarray]:
-            parts = pool.map(_tokenize_chunk, *zip(*[(encoder, cfg.max_seq_length, c) for c in _chunks(texts, chunk)]))
+            parts = pool.map(_tokenize_chunk,
+                             *zip(*[(encoder, cfg.max_seq_length, c) for c in _chunks(stage_texts, chunk)]))
             return [i for part in parts for i in part]
 
         def stage() -> np.ndarray:
             # The run's shape: tokenize tasks on CPU workers feed the encoder, which starts on the first chunk
             # while later ones are still being tokenised.
-            futures = [pool.submit(_tokenize_chunk, encoder, cfg.max_seq_length, c) for c in _chunks(texts, chunk)]
+            futures = [pool.submit(_tokenize_chunk, encoder, cfg.max_seq_length, c)
+                       for c in _chunks(stage_texts, chunk)]
             return np.concatenate([product.encode_ids(f.result()) for f in futures])
 
         t, _ = best_of(rounds, tokenize_parallel, "cpu")
-        rows.append(Row(f"tokenize stage ({workers} CPU worker processes)", n / t, "docs/s"))
+        rows.append(Row(f"tokenize stage ({workers} CPU worker processes)", len(stage_texts) / t, "docs/s",
+                        note=f"{chunk} docs per task"))
         product.encode_ids(ids[:64])
         t, staged = best_of(rounds, stage, device)
         rows.append(Row(f"embed stage: tokenize workers -> Embedder.encode_ids ({str(product.dtype)[6:]}, "
-                        f"{product.batch_tokens} tokens/batch)", n / t, "docs/s", note="tokenisation included"))
+                        f"{product.batch_tokens} tokens/batch)", len(stage_texts) / t, "docs/s",
+                        note=f"tokenisation included, {chunk} docs per call, {len(stage_texts)} docs"))
+        staged = staged[:n]
 
     t, product_out = best_of(rounds, lambda: product.encode(texts), device)
     rows.append(Row("Embedder.encode(texts), one process (tokenises in line)", n / t, "docs/s"))
@@ -265,13 +290,13 @@ def embed_ceiling(body, ids: list[np.ndarray], device: str, budget: int = 65536)
 
 
 # -- score ------------------------------------------------------------------------------------------------
-def bench_score(texts: list[str], llm: str, device: str, rounds: int, max_tokens: int, compile_ceiling: bool
-                ) -> tuple[list[Row], dict]:
+def bench_score(texts: list[str], llm: str, device: str, rounds: int, max_tokens: int, compile_ceiling: bool,
+                workers: int) -> tuple[list[Row], dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
     from labelnext.ops.model_prep import prepare_model
-    from labelnext.ops.score import Scorer, load_tokenizer
+    from labelnext.ops.score import Scorer, docs_per_batch, load_tokenizer
     from labelnext.ops.score_inputs import encode
     from labelnext.ops.score_settings import ScoreConfig
 
@@ -279,18 +304,51 @@ def bench_score(texts: list[str], llm: str, device: str, rounds: int, max_tokens
     batch = {"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
     rows: list[Row] = []
 
-    def scorer_row(label: str, cfg: ScoreConfig) -> tuple[Row, dict]:
+    def in_calls(fn: Callable[[int, int], dict], per_call: int) -> dict:
+        # The run's Ray batches: one call per docs_per_batch documents, as the actor pool receives them.
+        parts = [fn(i, i + per_call) for i in range(0, len(texts), per_call)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def scorer_row(label: str, cfg: ScoreConfig, keep: bool = False) -> tuple:
         scorer = Scorer(cfg, device=device)
-        scorer(dict(batch))  # warm-up: compilation, allocator, kernels
-        t, out = best_of(rounds, lambda: scorer(dict(batch)), device)
+        per_call = docs_per_batch(cfg, device)
+        run = lambda: in_calls(lambda a, b: scorer({k: v[a:b] for k, v in batch.items()}), per_call)  # noqa: E731
+        run()  # warm-up: compilation, allocator, kernels
+        t, out = best_of(rounds, run, device)
         tokens = int(out["n_tokens"].sum() + (out["n_tokens"] > 0).sum())
         note = f"batch_tokens {scorer.batch_tokens}, {'packed' if scorer.engine.packed else 'buckets'}, " \
-               f"{'compiled' if scorer.engine.compiled else 'eager'}, {str(scorer.dtype)[6:]}"
+               f"{'compiled' if scorer.engine.compiled else 'eager'}, {str(scorer.dtype)[6:]}, " \
+               f"{per_call} docs per call"
+        if keep:
+            return Row(label, tokens / t, "tokens/s", note=note), out, scorer
         scorer.close()
         return Row(label, tokens / t, "tokens/s", note=note), out
 
-    row, product = scorer_row("Scorer (product defaults for the device)", base)
+    row, product, scorer = scorer_row("Scorer (product defaults for the device)", base, keep=True)
     rows.append(row)
+    # The same Scorer on ids encoded beforehand: how much of a call is tokenisation.
+    enc = encode(scorer.tokenizer, texts, window=scorer.window, truncation=base.truncation)
+    per_call = docs_per_batch(base, device)
+    t, out = best_of(rounds, lambda: in_calls(lambda a, b: scorer.score_ids(enc.ids[a:b], enc.truncated[a:b]),
+                                              per_call), device)
+    tokens = int(out["n_tokens"].sum() + (out["n_tokens"] > 0).sum())
+    rows.append(Row("Scorer.score_ids, pre-tokenised (product defaults)", tokens / t, "tokens/s",
+                    note="tokenisation not included"))
+    # The run's shape on GPU: score_tokenize_batch tasks on CPU workers feed the actor (tokenisation included).
+    stage_texts = texts * -(-2 * workers * per_call // len(texts)) if device == "cuda" else texts
+    settings = base.model_dump_json()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_score_tokenize_chunk, [settings] * workers, _chunks(texts, 8)[:workers]))
+
+        def stage() -> int:
+            futures = [pool.submit(_score_tokenize_chunk, settings, c) for c in _chunks(stage_texts, per_call)]
+            counts = [scorer.score_ids(*f.result())["n_tokens"] for f in futures]
+            return sum(int(c.sum() + (c > 0).sum()) for c in counts)
+
+        t, tokens = best_of(rounds, stage, device)
+    rows.append(Row(f"score stage: tokenize workers -> Scorer.score_ids ({workers} CPU workers)", tokens / t,
+                    "tokens/s", note=f"tokenisation included, {len(stage_texts)} docs"))
+    scorer.close()
     row, _ = scorer_row("Scorer, before: batch_tokens 8,192, length buckets, eager",
                         base.model_copy(update={"batch_tokens": 8192, "packing": "off", "compile": "off"}))
     rows.append(row)
@@ -491,7 +549,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.only in (None, "score"):
             log("score")
             score_rows, agree = bench_score(texts[:args.score_docs], llm, device, args.rounds, args.max_tokens,
-                                            compile_ceiling=not args.no_compile)
+                                            compile_ceiling=not args.no_compile, workers=args.tokenize_workers)
             agreement.update(agree)
     text = report(embed_rows, score_rows, agreement, header)
     publish(args.out, text)

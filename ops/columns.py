@@ -24,6 +24,8 @@ PREDICTED_LABEL = "predicted_label"
 # candidates
 CANDIDATE_REASON = "candidate_reason"
 # score
+SCORE_IDS = "_score_ids"  # scoring LLM input ids per document (score tokenize -> score, on GPU runs)
+SCORE_TRUNCATED = "_score_truncated"
 SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
 # select
 SELECTED_COLUMNS = (

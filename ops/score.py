@@ -21,11 +21,12 @@ import numpy as np
 from labelnext.ops.entropy import hidden_entropy_nll, segment_stats
 from labelnext.ops.model_prep import prepare_model, resolve_device
 from labelnext.ops.score_inputs import bos_prefix, encode, text_token_ids
-from labelnext.ops.columns import DOC_ID, SCORE_COLUMNS, TEXT
+from labelnext.ops.columns import DOC_ID, SCORE_COLUMNS, SCORE_IDS, SCORE_TRUNCATED, TEXT
 from labelnext.ops.contract import StageContract
 from labelnext.ops.score_settings import ScoreConfig, batch_tokens_for, on_for
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
     import torch
 
@@ -125,13 +126,17 @@ class Scorer:
         raise ValueError(f"unknown score.backend {self.backend!r}; expected one of {BACKENDS}")
 
     def score_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        enc = encode(self.tokenizer, texts, window=self.window, truncation=self.cfg.truncation)
+        return self.score_ids(enc.ids, enc.truncated)
+
+    def score_ids(self, ids: Sequence[Sequence[int]], truncated: Sequence[bool]) -> dict[str, np.ndarray]:
+        """:meth:`score_texts` for documents already encoded (``score_inputs.encode`` with this window)."""
         import torch
 
-        enc = encode(self.tokenizer, texts, window=self.window, truncation=self.cfg.truncation)
-        stats = np.full((len(texts), 3), np.nan)
-        n_tokens = np.zeros(len(texts), dtype=np.int64)
-        todo = [i for i, ids in enumerate(enc.ids) if len(ids) >= 2]
-        seqs = [enc.ids[i] for i in todo]
+        stats = np.full((len(ids), 3), np.nan)
+        n_tokens = np.zeros(len(ids), dtype=np.int64)
+        todo = [i for i, seq in enumerate(ids) if len(seq) >= 2]
+        seqs = [ids[i] for i in todo]
         with torch.inference_mode():
             for group, hidden in self._hidden_batches(seqs):
                 rows = [todo[j] for j in group]
@@ -142,7 +147,7 @@ class Scorer:
             "max_entropy": stats[:, 1].astype(np.float32),
             "nll": stats[:, 2].astype(np.float32),
             "n_tokens": n_tokens,
-            "truncated": np.array(enc.truncated, dtype=bool),
+            "truncated": np.array(truncated, dtype=bool),
         }
 
     def _hidden_batches(self, seqs: list[list[int]]):
@@ -182,13 +187,51 @@ class Scorer:
         return segment_stats(entropy, nll, lengths - 1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = ["" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t) for t in batch["text"]]
         out = dict(batch)
-        out.update(self.score_texts(texts))
+        ids = out.pop(SCORE_IDS, None)
+        truncated = out.pop(SCORE_TRUNCATED, None)
+        if ids is not None:  # tokenised by score_tokenize_batch tasks on CPU workers
+            out.update(self.score_ids([np.asarray(i, dtype=np.int64) for i in ids], truncated))
+        else:
+            out.update(self.score_texts(_texts(batch[TEXT])))
         return out
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _texts(values) -> list[str]:
+    return ["" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t) for t in values]
+
+
+class ScoreTokenizer:
+    """Text -> the Scorer's input ids (BOS, window, truncation), with only the tokenizer loaded."""
+
+    def __init__(self, cfg: ScoreConfig):
+        model_dir = prepare_model(cfg.model, cfg.cache_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.window = model_window(model_dir, cfg.max_tokens)
+        self.truncation = cfg.truncation
+
+    def __call__(self, texts: Sequence[str]):
+        return encode(self.tokenizer, texts, window=self.window, truncation=self.truncation)
+
+
+@lru_cache(maxsize=2)
+def _score_tokenizer(settings: str) -> ScoreTokenizer:
+    # Ray reuses task worker processes: the tokenizer loads once per worker, not once per batch.
+    return ScoreTokenizer(ScoreConfig.model_validate_json(settings))
+
+
+def score_tokenize_batch(table: "pa.Table", cfg: ScoreConfig) -> "pa.Table":
+    """Ray Data task: add the Scorer's input ids (``_score_ids``, ``_score_truncated``) to a batch with text."""
+    import pyarrow as pa
+
+    from labelnext.ops.tokenize import ids_array
+
+    enc = _score_tokenizer(cfg.model_dump_json())(_texts(table.column(TEXT).to_pylist()))
+    ids = ids_array([np.asarray(i, dtype=np.int32) for i in enc.ids])
+    return table.append_column(SCORE_IDS, ids).append_column(SCORE_TRUNCATED, pa.array(enc.truncated, pa.bool_()))
 
 
 class _ScoreActor(Scorer):
@@ -202,9 +245,12 @@ class _ScoreActor(Scorer):
 
 
 def docs_per_batch(cfg: ScoreConfig, device: str = "cpu") -> int:
-    # A few token budgets' worth of documents per Ray batch: enough to sort by length and keep the engine
-    # busy, small enough that a few hundred candidates still spread over the actor pool.
-    return max(32, 4 * batch_tokens_for(cfg, device) // cfg.max_tokens)
+    # A few token budgets' worth of documents per Ray batch even when every document fills the window: enough
+    # to sort by length and keep the engine busy, small enough that a few hundred candidates still spread over
+    # a CPU actor pool. A GPU takes 4x more: documents are mostly far shorter than the window, and a packed
+    # call rounds its last batch up to a power-of-two number of rows.
+    budgets = 4 if device == "cpu" else 16
+    return max(32, budgets * batch_tokens_for(cfg, device) // cfg.max_tokens)
 
 
 def score_dataset(
@@ -216,17 +262,23 @@ def score_dataset(
     num_gpus: float = 0.0,
     num_cpus: float = 1.0,
     tensor_parallel_size: int = 1,
+    tokenize_in_tasks: Optional[bool] = None,
 ) -> "ray.data.Dataset":
     """Score every row of ``ds`` (columns ``doc_id``, ``text``, ...) with an actor pool of :class:`Scorer`.
 
     ``num_gpus`` (per actor, tensor parallelism included) and ``num_cpus`` come from the job layer's placement
-    plan. Output batches also carry ``_node_id``/``_busy_s``.
+    plan. Output batches also carry ``_node_id``/``_busy_s``. ``tokenize_in_tasks`` (default: on GPU) runs the
+    tokenizer in CPU tasks ahead of the actors: on one H100 a Scorer call that tokenised its own text ran at
+    0.44x the packed compiled ceiling, and 0.71x on ids (README, "GPU stages").
     """
     from ray.data import ActorPoolStrategy
 
     from labelnext.ops.instrument import instrumented
 
     device = "cuda" if use_gpu else "cpu"
+    if use_gpu if tokenize_in_tasks is None else tokenize_in_tasks:
+        ds = ds.map_batches(score_tokenize_batch, fn_kwargs={"cfg": cfg}, batch_size=docs_per_batch(cfg, device),
+                            batch_format="pyarrow", num_cpus=1)
     return ds.map_batches(
         instrumented(_ScoreActor),
         fn_constructor_kwargs={"cfg": cfg, "device": device, "num_cpus": num_cpus,

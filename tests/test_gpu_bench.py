@@ -53,6 +53,7 @@ def test_smoke_run_on_cpu_with_random_weights(tmp_path):
     text = out.read_text()
     for row in ("embed stage: tokenize workers -> Embedder.encode_ids", "tokenisation, one fast-tokenizer call",
                 "bare SentenceTransformer.encode", "ceiling: pre-tokenised", "Scorer (product defaults",
+                "Scorer.score_ids, pre-tokenised", "score stage: tokenize workers -> Scorer.score_ids",
                 "Scorer, before: batch_tokens 8,192", "naive loop", "ceiling: packed 64 x 64 forward"):
         assert row in text, row
     # float32 on CPU: the product's vectors equal the float32 ones, and the scores the float64 reference.

@@ -80,7 +80,8 @@ def test_batch_tokens_auto_is_sized_per_device():
     assert batch_tokens_for(ScoreConfig(), "cpu") == 8192
     assert batch_tokens_for(ScoreConfig(), "cuda") == 65536
     assert batch_tokens_for(ScoreConfig(batch_tokens=1000), "cuda") == 1000
-    assert docs_per_batch(ScoreConfig(max_tokens=512), "cuda") == 512
+    # A GPU call carries 16 budgets of full-window documents (4 on CPU): real documents are mostly shorter.
+    assert docs_per_batch(ScoreConfig(max_tokens=512), "cuda") == 2048
     with pytest.raises(ValueError, match="batch_tokens"):
         ScoreConfig(batch_tokens=0)
 
@@ -348,7 +349,9 @@ def test_model_prep_races_produce_one_valid_checkpoint(tmp_path):
 def test_score_dataset_on_local_ray(ray_local):
     cfg = ScoreConfig(backend="transformers", max_tokens=64)
     rows = [{"doc_id": f"d{i}", "text": t, "label": i} for i, t in enumerate(DOCS)]
-    out = score_dataset(ray_local.data.from_items(rows), cfg, use_gpu=False, concurrency=1).to_pandas()
+    # Tokenised in CPU tasks ahead of the actors, as on GPU (the inline path runs in every end-to-end test).
+    out = score_dataset(ray_local.data.from_items(rows), cfg, use_gpu=False, concurrency=1,
+                        tokenize_in_tasks=True).to_pandas()
     assert sorted(out["doc_id"]) == sorted(r["doc_id"] for r in rows)
     assert set(SCORE_COLUMNS) | {"doc_id", "text", "label"} <= set(out.columns)
     out = out.set_index("doc_id")
@@ -357,3 +360,21 @@ def test_score_dataset_on_local_ray(ray_local):
         assert out.loc[doc_id, "label"] == i
         assert out.loc[doc_id, "n_tokens"] == local["n_tokens"][i]
         assert out.loc[doc_id, "uncertainty"] == pytest.approx(float(local["uncertainty"][i]), abs=1e-4)
+
+
+def test_ids_tokenised_in_a_task_score_like_text():
+    import pyarrow as pa
+
+    from labelnext.ops.columns import SCORE_IDS, SCORE_TRUNCATED
+    from labelnext.ops.score import score_tokenize_batch
+
+    cfg = ScoreConfig(backend="transformers", max_tokens=16, truncation="head_tail")
+    texts = DOCS + ["", None]
+    table = score_tokenize_batch(pa.table({"doc_id": [f"d{i}" for i in range(len(texts))], "text": texts}), cfg)
+    assert table.column(SCORE_TRUNCATED).to_pylist()[0] is True  # FLUENT is longer than 16 tokens
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    s = scorer(max_tokens=16, truncation="head_tail")
+    from_ids, from_text = s(dict(batch)), s(_batch(texts))
+    assert SCORE_IDS not in from_ids and SCORE_TRUNCATED not in from_ids
+    for col in SCORE_COLUMNS:
+        np.testing.assert_array_equal(from_ids[col], from_text[col])
