@@ -37,6 +37,9 @@ DEFAULT_FREE = ("random", "typiclust", "probcover", "whole_pool")  # results tha
 # Each anchor round refits scikit-learn k-means with (labels so far + B) clusters over the pool, or ProbCover's
 # n x n graph: seconds per round with OMP_NUM_THREADS=1, so the anchors run on the same seeds as the rest.
 ANCHOR_SEEDS = 5
+# Bumped when a strategy's bench code changes what it selects (cached curves of the older code are not reused):
+# the labelnext strategies go through the candidates stage, as the pipeline does.
+CODE_VERSION = {"labelnext": "candidates", "labelnext+entropy": "candidates"}
 ENTROPY_WEIGHT = 0.25  # a tie-breaker: a tenth of a cluster's margin range outweighs it
 
 
@@ -103,36 +106,45 @@ class Loop:
             return anchors.query(strategy, self.pool.emb, labelled, self.pool_y[labelled], budget, seed)
         if strategy == "coldstart" or model is None:
             return rest[self._cold_start(rest, budget, seed)]
-        margin = model.margin(self.pool.emb[rest])[0].astype(np.float64)
+        margin, predicted = model.margin(self.pool.emb[rest])
+        margin = margin.astype(np.float64)
         if strategy == "margin":
             return rest[np.argsort(margin, kind="stable")[:budget]]
-        return rest[self._cluster_margin(rest, margin, budget, seed, with_entropy=strategy.endswith("entropy"))]
+        labels, counts = np.unique(self.pool_y[labelled].astype(str), return_counts=True)
+        return rest[self._cluster_margin(rest, margin, predicted, dict(zip(labels.tolist(), counts.tolist())),
+                                         budget, seed, with_entropy=strategy.endswith("entropy"))]
 
     def _cold_start(self, rest: np.ndarray, budget: int, seed: int) -> np.ndarray:
         from bench.quality import Runner, Strategy
 
         return Runner(self.pool.subset(rest), budget, seed).pick(Strategy("labelnext", "pipeline")).rows
 
-    def _cluster_margin(self, rest: np.ndarray, margin: np.ndarray, budget: int, seed: int,
-                        with_entropy: bool) -> np.ndarray:
-        """The real ``assign`` and ``Selector`` (default config) over every unlabelled document with its margin,
-        as the pipeline's select stage sees them when labels exist."""
-        from labelnext.ops.columns import CLUSTER_ID, MARGIN
+    def _cluster_margin(self, rest: np.ndarray, margin: np.ndarray, predicted: np.ndarray,
+                        label_counts: dict[str, int], budget: int, seed: int, with_entropy: bool) -> np.ndarray:
+        """The real ``assign``, candidates stage and ``Selector`` (default config) over the unlabelled documents
+        with their margins, as the pipeline runs them when labels exist."""
+        from labelnext.ops.columns import CLUSTER_ID, MARGIN, PREDICTED_LABEL
         from labelnext.ops.select import Selector, percentile_within
 
-        from bench.quality import assign, select_rows, with_features
+        from bench.quality import assign, candidates, select_rows, with_features
 
         sub = self.pool.subset(rest)
         assigned, sizes = assign(sub, budget, self.cfg, seed)
-        table = with_features(assigned, sub, scored=False)
+        assigned = assigned.append_column(MARGIN, pa.array(margin, pa.float64()))
+        table = with_features(candidates(assigned, sizes, budget, self.cfg, near_key=MARGIN), sub, scored=False)
+        rows = table.column("_row").to_numpy()
+        margin = margin[rows]
+        table = table.drop_columns([MARGIN])
         if with_entropy:
             # Lowest margin first, the LLM's entropy breaking near-ties: both as percentiles within the cluster.
             clusters = table.column(CLUSTER_ID).to_numpy()
-            entropy = sub.scores.column("uncertainty").to_numpy(zero_copy_only=False).astype(np.float64)
+            entropy = sub.scores.column("uncertainty").to_numpy(zero_copy_only=False).astype(np.float64)[rows]
             entropy = np.where(np.isfinite(entropy), entropy, -np.inf)
             margin = percentile_within(margin, clusters) - ENTROPY_WEIGHT * percentile_within(entropy, clusters)
         table = table.append_column(MARGIN, pa.array(margin, pa.float64()))
-        return select_rows(Selector(self.cfg.select).select(table, sizes, budget), table)
+        table = table.append_column(PREDICTED_LABEL, pa.array(predicted[rows].astype(str).tolist(), pa.string()))
+        selector = Selector(self.cfg.select, label_counts=label_counts)
+        return select_rows(selector.select(table, sizes, budget), table)
 
 
 def needs_llm(strategies: list[str], select_cfg) -> bool:

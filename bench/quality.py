@@ -296,10 +296,11 @@ def with_features(table: pa.Table, pool: Pool, scored: bool) -> pa.Table:
     return table
 
 
-def candidates(assigned: pa.Table, sizes: np.ndarray, budget: int, cfg) -> pa.Table:
+def candidates(assigned: pa.Table, sizes: np.ndarray, budget: int, cfg, near_key: str = "distance") -> pa.Table:
+    """The candidates stage as the pipeline runs it (nearest by ``near_key``: the margin when labels exist)."""
     from labelnext.ops.candidates import block_candidates, merge_candidates, plan_candidates
 
-    plan = plan_candidates(sizes, budget, cfg.candidates)
+    plan = plan_candidates(sizes, budget, cfg.candidates, near_key=near_key)
     blocks = [block_candidates(assigned.slice(i, BLOCK_ROWS), plan) for i in range(0, assigned.num_rows, BLOCK_ROWS)]
     return merge_candidates(pa.concat_tables(blocks), plan)
 
@@ -597,6 +598,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="simulated nightly loop: this many rounds (bench/loop.py)")
     p.add_argument("--per-round", type=int, default=200, help="loop: labels bought per round")
     p.add_argument("--out", type=Path, help="default bench/out/quality.md (loop: bench/out/loop.md)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="loop only: config override for labelnext's rounds with labels (repeatable)")
     return p.parse_args(argv)
 
 
@@ -608,7 +611,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_env()
     from labelnext.pipelines.config import load_config
 
-    base = load_config()
+    base = load_config(overrides=args.set or [])
     cfg = base.model_copy(update={
         "score": base.score.model_copy(update={"backend": "transformers"}),
     })
@@ -621,6 +624,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    and not (args.no_llm and needs_llm([s]))]
     if args.rounds:
         return main_loop(args, names, pool_cap, cfg)
+    if args.set:
+        raise SystemExit("bench.quality: --set applies to the loop (--rounds) only; the cold-start strategies "
+                         "carry their own settings")
     results, used = [], []
     cache = ResultCache(CACHE / "quality-results-v2.jsonl", fresh=args.fresh)
     for path in discover(names):
@@ -650,9 +656,10 @@ def main_loop(args: argparse.Namespace, names: Optional[list[str]], pool_cap: Op
         pool, emb_all = load_pool(ds, cfg, loop.needs_llm(loop_strategies, cfg.select))
         lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, cfg, LR_C)
         log(f"{ds.name}: loop over pool {len(ds.pool)}, {args.rounds} rounds of {args.per_round}")
-        default = strategy_settings(Strategy("labelnext", "pipeline"))
+        default = strategy_settings(Strategy("labelnext", "pipeline")) + "".join(args.set or [])
         keys = {(st, s): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, args.rounds,
-                                   args.per_round, s, st, "" if st in loop.DEFAULT_FREE else default)
+                                   args.per_round, s, st, "" if st in loop.DEFAULT_FREE else default,
+                                   loop.CODE_VERSION.get(st, ""))
                 for st in loop_strategies for s in range(seeds)}
         results += loop.bench_loop(ds.name, lp, loop_strategies, args.rounds, seeds, cache, keys)
         used.append(ds.name)

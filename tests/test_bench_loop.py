@@ -45,3 +45,34 @@ def test_verdict_says_when_a_target_is_above_what_the_whole_pool_gives():
                              [0, 1, 2])
     assert "600 labels: labelnext - random +0.030" in text and "FAIL" in text
     assert "whole pool labelled): +0.040 over random, +0.020 over the repeated cold start; the target is above it" in text
+
+
+def test_labelnext_rounds_pick_unlabelled_candidates_by_margin(monkeypatch):
+    """Rounds with labels go through the product's candidates stage (nearest by margin) and the Selector with
+    the predicted labels and the label counts so far; labelled documents are never picked again."""
+    from bench import quality
+    from labelnext.ops.select import Selector
+
+    lp, n = _loop(per_round=4)  # 5 x 4 candidates out of the 40 unlabelled documents
+    seen = {}
+    real_candidates, real_select = quality.candidates, Selector.select
+
+    def candidates(assigned, sizes, budget, cfg, near_key="distance"):
+        seen["near_key"] = near_key
+        out = real_candidates(assigned, sizes, budget, cfg, near_key=near_key)
+        seen["candidates"], seen["pool"] = out.num_rows, assigned.num_rows
+        return out
+
+    def select(self, table, sizes, budget):
+        seen["columns"], seen["label_counts"] = set(table.column_names), dict(self.label_counts)
+        return real_select(self, table, sizes, budget)
+
+    monkeypatch.setattr(quality, "candidates", candidates)
+    monkeypatch.setattr(Selector, "select", select)
+    labelled = np.arange(20)
+    model = loop.fit(lp.pool.emb[labelled], lp.pool_y[labelled], LR_C)
+    picked = lp.pick("labelnext", labelled, model, seed=0)
+    assert len(picked) == 4 and len(set(picked.tolist())) == 4 and not set(picked.tolist()) & set(range(20))
+    assert seen["near_key"] == "margin" and seen["candidates"] < seen["pool"] == n - 20
+    assert {"margin", "predicted_label"} <= seen["columns"]
+    assert sum(seen["label_counts"].values()) == 20
