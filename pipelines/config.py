@@ -90,6 +90,9 @@ class RayConfig(_Section):
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, gt=0)
     log_to_driver: bool = False
+    # Local Ray only (no address): start the dashboard. None = Ray's default (on when its packages are installed);
+    # false saves a second or two and a process per run where nobody watches it.
+    include_dashboard: Optional[bool] = None
 
 
 class RunConfig(_Section):

@@ -346,6 +346,8 @@ def init_ray(cfg: RunConfig) -> None:
         kwargs["runtime_env"] = {"env_vars": worker_env()}
         if cfg.ray.num_cpus:
             kwargs["num_cpus"] = cfg.ray.num_cpus
+        if cfg.ray.include_dashboard is not None:
+            kwargs["include_dashboard"] = cfg.ray.include_dashboard
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.print_on_execution_start = False

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
 # Small, quick pipeline runs on a shared 2-core machine: the transformers scorer and two Ray CPUs.
-QUICK = ("--set", "score.backend=transformers", "--set", "ray.num_cpus=2")
+QUICK = ("--set", "score.backend=transformers", "--set", "ray.num_cpus=2", "--set", "ray.include_dashboard=false")
 # The default cold start picks cluster representatives without the LLM; tests of the scoring path pin a rule
 # that ranks candidates by the LLM's uncertainty.
 LLM_RULE = ("--set", "select.rule=typical_uncertain", "--set", "select.quota=size")

@@ -48,3 +48,21 @@ def test_unknown_key_in_file(tmp_path):
 def test_all_shipped_configs_validate():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_local_ray_starts_with_the_configured_dashboard_setting(monkeypatch):
+    import ray
+
+    from labelnext.pipelines import dataflow
+    from labelnext.pipelines.config import load_config
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    dataflow.init_ray(load_config(overrides=["ray.num_cpus=2", "ray.include_dashboard=false"]))
+    dataflow.init_ray(load_config())
+    dataflow.init_ray(load_config(overrides=["ray.address=127.0.0.1:6379", "ray.include_dashboard=false"]))
+    assert calls[0]["include_dashboard"] is False and calls[0]["num_cpus"] == 2
+    assert "include_dashboard" not in calls[1]  # Ray's own default
+    assert calls[2]["address"] == "127.0.0.1:6379" and "include_dashboard" not in calls[2]  # a cluster has its own
