@@ -191,7 +191,8 @@ class Scorer:
         ids = out.pop(SCORE_IDS, None)
         truncated = out.pop(SCORE_TRUNCATED, None)
         if ids is not None:  # tokenised by score_tokenize_batch tasks on CPU workers
-            out.update(self.score_ids([np.asarray(i, dtype=np.int64) for i in ids], truncated))
+            # Plain int lists, as the tokenizer gives them: engines (vLLM's request encoding) expect Python ints.
+            out.update(self.score_ids([np.asarray(i, dtype=np.int64).tolist() for i in ids], truncated))
         else:
             out.update(self.score_texts(_texts(batch[TEXT])))
         return out

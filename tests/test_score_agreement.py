@@ -61,6 +61,13 @@ _VLLM_SCRIPT = textwrap.dedent("""
         out = scorer({"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)})
         result = {c: out[c].tolist() for c in SCORE_COLUMNS}
         result["backend"] = scorer.backend
+        # The GPU path: ids from score_tokenize_batch (a CPU task) instead of text.
+        import pyarrow as pa
+        from labelnext.ops.score import score_tokenize_batch
+        table = score_tokenize_batch(pa.table({"doc_id": list(range(len(texts))), "text": texts}),
+                                     ScoreConfig(**job["cfg"]))
+        from_ids = scorer({n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names})
+        result["from_ids"] = {c: from_ids[c].tolist() for c in SCORE_COLUMNS}
         scorer.close()
         json.dump(result, open(sys.argv[2], "w"))
 """)
@@ -124,6 +131,13 @@ def test_vllm_and_transformers_agree_with_reference(tmp_path):
         vllm = _wait_vllm(proc, result)
 
     assert vllm.pop("backend") == "vllm"
+    from_ids = vllm.pop("from_ids")
+    # Ids tokenised in a task score as the text does: token counts and flags exactly, scores up to vLLM's own
+    # call-to-call noise (a few 1e-6 nats on CPU); a different tokenisation would move them by far more.
+    assert from_ids["n_tokens"] == vllm["n_tokens"] and from_ids["truncated"] == vllm["truncated"]
+    for col in ("uncertainty", "max_entropy", "nll"):
+        np.testing.assert_allclose(np.array(from_ids[col], dtype=float), np.array(vllm[col], dtype=float),
+                                   atol=1e-4, rtol=0, equal_nan=True, err_msg=f"vllm from ids {col}")
     vllm = {c: np.array(v, dtype=float) for c, v in vllm.items()}
     assert hf["truncated"].tolist() == vllm["truncated"].astype(bool).tolist() == [False] * 7 + [True]
     assert hf["n_tokens"].tolist() == vllm["n_tokens"].astype(int).tolist() == ref["n_tokens"].tolist()
