@@ -160,17 +160,11 @@ def _tokenize_chunk(model: str, max_seq_length: int, texts: list[str]) -> list[n
     return _worker_tokenizer(model, max_seq_length)(texts)
 
 
-@lru_cache(maxsize=2)
-def _worker_score_tokenizer(settings: str):
-    ensure_labelnext()
-    from labelnext.ops.score import ScoreTokenizer
-    from labelnext.ops.score_settings import ScoreConfig
-
-    return ScoreTokenizer(ScoreConfig.model_validate_json(settings))
-
-
 def _score_tokenize_chunk(settings: str, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-    enc = _worker_score_tokenizer(settings)(texts)
+    ensure_labelnext()  # spawned workers start from a fresh interpreter
+    from labelnext.ops.score import score_tokenizer_for
+
+    enc = score_tokenizer_for(settings)(texts)
     return enc.ids, enc.truncated
 
 
@@ -327,7 +321,7 @@ def bench_score(texts: list[str], llm: str, device: str, rounds: int, max_tokens
     row, product, scorer = scorer_row("Scorer (product defaults for the device)", base, keep=True)
     rows.append(row)
     # The same Scorer on ids encoded beforehand: how much of a call is tokenisation.
-    enc = encode(scorer.tokenizer, texts, window=scorer.window, truncation=base.truncation)
+    enc = scorer.tokenize(texts)
     per_call = docs_per_batch(base, device)
     t, out = best_of(rounds, lambda: in_calls(lambda a, b: scorer.score_ids(enc.ids[a:b], enc.truncated[a:b]),
                                               per_call), device)

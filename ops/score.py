@@ -91,8 +91,8 @@ class Scorer:
         self.model_dir = prepare_model(cfg.model, cfg.cache_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.window = model_window(self.model_dir, cfg.max_tokens)
+        self.tokenize = ScoreTokenizer(self.model_dir, cfg)
+        self.tokenizer, self.window = self.tokenize.tokenizer, self.tokenize.window
         self.batch_tokens = batch_tokens_for(cfg, self.device)
         self.backend = choose_backend(cfg.backend)
         self.engine = self._build_engine()
@@ -126,7 +126,7 @@ class Scorer:
         raise ValueError(f"unknown score.backend {self.backend!r}; expected one of {BACKENDS}")
 
     def score_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        enc = encode(self.tokenizer, texts, window=self.window, truncation=self.cfg.truncation)
+        enc = self.tokenize(texts)
         return self.score_ids(enc.ids, enc.truncated)
 
     def score_ids(self, ids: Sequence[Sequence[int]], truncated: Sequence[bool]) -> dict[str, np.ndarray]:
@@ -208,8 +208,7 @@ def _texts(values) -> list[str]:
 class ScoreTokenizer:
     """Text -> the Scorer's input ids (BOS, window, truncation), with only the tokenizer loaded."""
 
-    def __init__(self, cfg: ScoreConfig):
-        model_dir = prepare_model(cfg.model, cfg.cache_dir)
+    def __init__(self, model_dir: str, cfg: ScoreConfig):
         self.tokenizer = load_tokenizer(model_dir)
         self.window = model_window(model_dir, cfg.max_tokens)
         self.truncation = cfg.truncation
@@ -219,9 +218,11 @@ class ScoreTokenizer:
 
 
 @lru_cache(maxsize=2)
-def _score_tokenizer(settings: str) -> ScoreTokenizer:
+def score_tokenizer_for(settings: str) -> ScoreTokenizer:
+    """The ScoreTokenizer of a ``ScoreConfig`` given as JSON, once per process."""
     # Ray reuses task worker processes: the tokenizer loads once per worker, not once per batch.
-    return ScoreTokenizer(ScoreConfig.model_validate_json(settings))
+    cfg = ScoreConfig.model_validate_json(settings)
+    return ScoreTokenizer(prepare_model(cfg.model, cfg.cache_dir), cfg)
 
 
 def score_tokenize_batch(table: "pa.Table", cfg: ScoreConfig) -> "pa.Table":
@@ -230,7 +231,7 @@ def score_tokenize_batch(table: "pa.Table", cfg: ScoreConfig) -> "pa.Table":
 
     from labelnext.ops.tokenize import ids_array
 
-    enc = _score_tokenizer(cfg.model_dump_json())(_texts(table.column(TEXT).to_pylist()))
+    enc = score_tokenizer_for(cfg.model_dump_json())(_texts(table.column(TEXT).to_pylist()))
     ids = ids_array([np.asarray(i, dtype=np.int32) for i in enc.ids])
     return table.append_column(SCORE_IDS, ids).append_column(SCORE_TRUNCATED, pa.array(enc.truncated, pa.bool_()))
 
