@@ -49,7 +49,8 @@ SCORE_TOL_NATS = 1e-3     # float32 Scorer vs float64 reference
 
 def ensure_labelnext() -> None:
     """Make ``labelnext.ops`` importable from this checkout when the package is not installed."""
-    if importlib.util.find_spec("labelnext") is not None:
+    # A process that ran this once already holds the stand-in package, whose __spec__ is None.
+    if "labelnext" in sys.modules or importlib.util.find_spec("labelnext") is not None:
         return
     package = types.ModuleType("labelnext")
     package.__path__ = []
@@ -69,6 +70,14 @@ class Row:
     unit: str
     vs: str = ""          # "ratio x name" filled in by ratios()
     note: str = ""
+
+
+class RowLog(list):
+    """Rows as measured, each also logged: a run cut short by a time limit still shows what it measured."""
+
+    def append(self, row: Row) -> None:
+        log(f"  {row.what}: {row.rate:,.0f} {row.unit}")
+        super().append(row)
 
 
 # -- inputs -----------------------------------------------------------------------------------------------
@@ -189,7 +198,7 @@ def bench_embed(texts: list[str], encoder: str, device: str, rounds: int, worker
     tokenizer = EncoderTokenizer.for_encoder(encoder, cfg.max_seq_length)
     ids = tokenizer(texts)
     mean_tokens = float(np.mean([len(i) for i in ids]))
-    rows: list[Row] = []
+    rows = RowLog()
 
     t, _ = best_of(rounds, lambda: tokenizer(texts), "cpu")
     rows.append(Row("tokenisation, one fast-tokenizer call, one process", n / t, "docs/s"))
@@ -296,7 +305,7 @@ def bench_score(texts: list[str], llm: str, device: str, rounds: int, max_tokens
 
     base = ScoreConfig(backend="transformers", model=llm, max_tokens=max_tokens, truncation="head_tail")
     batch = {"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
-    rows: list[Row] = []
+    rows = RowLog()
 
     def in_calls(fn: Callable[[int, int], dict], per_call: int) -> dict:
         # The run's Ray batches: one call per docs_per_batch documents, as the actor pool receives them.
@@ -329,7 +338,8 @@ def bench_score(texts: list[str], llm: str, device: str, rounds: int, max_tokens
     rows.append(Row("Scorer.score_ids, pre-tokenised (product defaults)", tokens / t, "tokens/s",
                     note="tokenisation not included"))
     # The run's shape on GPU: score_tokenize_batch tasks on CPU workers feed the actor (tokenisation included).
-    stage_texts = texts * -(-2 * workers * per_call // len(texts)) if device == "cuda" else texts
+    # Four actor calls' worth keeps the tokenize workers ahead of the GPU after the first chunk.
+    stage_texts = texts * -(-4 * per_call // len(texts)) if device == "cuda" else texts
     settings = base.model_dump_json()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_score_tokenize_chunk, [settings] * workers, _chunks(texts, 8)[:workers]))
