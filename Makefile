@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	# Headless Chromium renders report.html in tests/test_report_html.py (Debian/Ubuntu package; CI runs as root).
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -ra
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -ra --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

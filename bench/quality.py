@@ -87,7 +87,8 @@ class Strategy:
 # The cold-start family: k (budget/2 or budget clusters) x quotas (by size, or one per cluster first) x the
 # preference within a cluster (uniform: the floor; nearest to the centroid; LLM uncertainty against typicality).
 K_SETTINGS = {"B/2": "cluster.labels_per_cluster=2", "B": "cluster.labels_per_cluster=1"}
-INITS = {"random": "", "kmeans++": "+kpp"}  # k-means seeding (cluster.init) and its name suffix
+# k-means seeding (cluster.init) and its name suffix; auto is k-means++ from cluster.kmeanspp_min_k clusters
+INITS = {"random": "", "kmeans++": "+kpp", "auto": "+auto"}
 WITHIN = {"stratified": "uniform within each cluster (random key)", "cluster_only": "nearest to the centroid",
           "typical_uncertain": "LLM uncertainty percentile - distance percentile"}
 
@@ -103,7 +104,9 @@ def family() -> list[Strategy]:
                     if k_name == "B/2" and (quota == "cover" or init != "random"):
                         continue
                     name = f"{rule}@{k_name}" + ("+cover" if quota == "cover" else "") + INITS[init]
-                    note = (f"k = {k_name}, {init} seeding, quotas by "
+                    seeds = ("auto seeding (k-means++ from cluster.kmeanspp_min_k clusters, random below)"
+                             if init == "auto" else f"{init} seeding")
+                    note = (f"k = {k_name}, {seeds}, quotas by "
                             f"{'size' if quota == 'size' else 'one per cluster, then size'}, {within}")
                     out.append(Strategy(name, "pipeline", (k_set, f"select.rule={rule}", f"select.quota={quota}",
                                                            f"cluster.init={init}"), note, family=True))

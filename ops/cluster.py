@@ -33,9 +33,11 @@ class ClusterConfig(StageSettings):
     # 4,000-cluster training on a few CPU cores to minutes; the GPU configs afford 256.
     train_sample: int = Field(default=64, gt=0, description="training points per centroid (capped by corpus size)")
     niter: int = Field(default=20, gt=0)
-    init: Literal["random", "kmeans++"] = Field(default="kmeans++", description="k-means seeding: random training "
-                                                 "points (faiss), or k-means++ (spreads the seeds, so small modes "
-                                                 "get their own centroid); bench/quality.py chose it")
+    init: Literal["auto", "random", "kmeans++"] = Field(
+        default="auto", description="k-means seeding: random training points (faiss), k-means++ (spreads the "
+        "seeds, so small modes get their own centroid), or auto: random below kmeanspp_min_k clusters, k-means++ "
+        "from there; bench/quality.py chose it")
+    kmeanspp_min_k: int = Field(default=50, gt=0, description="init auto: the smallest k seeded by k-means++")
     init_sample: int = Field(default=16, gt=0, description="kmeans++: seeding points per centroid, the first of the "
                              "(seeded, shuffled) training sample; seeding costs about init_sample x k^2 x dim x ln k")
     seed: int = 0
@@ -50,6 +52,18 @@ def choose_k(n_docs: int, budget: int, cfg: ClusterConfig) -> int:
         return min(cfg.k, n_docs)
     k = math.ceil(max(budget, 1) / cfg.labels_per_cluster)
     return max(1, min(k, max(1, n_docs // MIN_CLUSTER_DOCS), MAX_DERIVED_K))
+
+
+def seeding(k: int, cfg: ClusterConfig) -> str:
+    """The seeding ``cfg.init`` resolves to for ``k`` clusters: "random" or "kmeans++".
+
+    With few clusters k-means++ spends seeds on outliers (each far point is a likely next seed), and a budget
+    that small is better spent on the big modes that random seeds land in; with many clusters random seeds
+    miss the small modes that k-means++ reaches (bench/README.md, cold start).
+    """
+    if cfg.init == "auto":
+        return "kmeans++" if k >= cfg.kmeanspp_min_k else "random"
+    return cfg.init
 
 
 def train_sample_size(n_docs: int, k: int, cfg: ClusterConfig) -> int:
@@ -80,7 +94,7 @@ def train_kmeans(
     )
     if init_centroids is None or init_centroids.shape != (k, d):
         init_centroids = (kmeans_plusplus_seeds(x, k, cfg, device="cuda" if use_gpu else "cpu")
-                          if cfg.init == "kmeans++" else None)
+                          if seeding(k, cfg) == "kmeans++" else None)
     if init_centroids is not None:
         kmeans.train(x, init_centroids=np.ascontiguousarray(init_centroids, dtype=np.float32))
     else:

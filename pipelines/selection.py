@@ -253,7 +253,7 @@ class SelectionPipeline:
             sizes = np.sum([np.asarray(c) for c in counts["counts"].to_pylist()], axis=0)
             st.docs = n
             st.extra.update(k=k, train_sample=int(len(sample)), objective=objective, faiss_gpu=use_gpu,
-                            seeding="warm_start" if init is not None else self.cfg.cluster.init,
+                            seeding="warm_start" if init is not None else clu.seeding(k, self.cfg.cluster),
                             warm_start_from=warm_from)
         self._check(clu.CONTRACT, assigned, output=True)
         self.counts["clusters"] = k

@@ -155,3 +155,25 @@ def test_kmeans_plus_plus_seeding_gives_small_modes_their_own_centroid():
     first, _ = train_kmeans(x, 4, ClusterConfig(init="kmeans++", seed=3), use_gpu=False)
     again, _ = train_kmeans(x, 4, ClusterConfig(init="kmeans++", seed=3), use_gpu=False)
     np.testing.assert_array_equal(first, again)  # seeded: a rerun trains the same centroids
+
+
+def test_auto_seeding_is_random_below_kmeanspp_min_k_and_kmeans_plus_plus_from_it():
+    """cluster.init auto (the default) trains exactly what random seeding trains below kmeanspp_min_k clusters and
+    what k-means++ trains from there."""
+    from labelnext.ops.cluster import seeding
+
+    cfg = ClusterConfig(kmeanspp_min_k=6)
+    assert cfg.init == "auto"
+    assert [seeding(k, cfg) for k in (1, 5, 6, 4096)] == ["random", "random", "kmeans++", "kmeans++"]
+    assert seeding(4096, ClusterConfig(init="random")) == "random"
+    assert seeding(2, ClusterConfig(init="kmeans++")) == "kmeans++"
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for k, same_as in ((5, "random"), (6, "kmeans++")):
+        auto, _ = train_kmeans(x, k, cfg, use_gpu=False)
+        fixed, _ = train_kmeans(x, k, cfg.model_copy(update={"init": same_as}), use_gpu=False)
+        other, _ = train_kmeans(x, k, cfg.model_copy(update={"init": ({"random", "kmeans++"} - {same_as}).pop()}),
+                                use_gpu=False)
+        np.testing.assert_array_equal(auto, fixed)
+        assert not np.array_equal(auto, other)
