@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from functools import lru_cache
+from pathlib import Path
 from typing import Optional, TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -74,10 +75,45 @@ def model_window(model_dir: str, max_tokens: int) -> int:
 
 
 def count_tokens(texts: list[str], cfg: ScoreConfig) -> list[int]:
-    """Predicted positions each text would give before truncation (same unit as ``n_tokens``), tokenizer only."""
-    tokenizer = load_tokenizer(prepare_model(cfg.model, cfg.cache_dir))
-    prefix = len(bos_prefix(tokenizer))
-    return [max(0, prefix + len(ids) - 1) for ids in text_token_ids(tokenizer, [str(t) for t in texts])]
+    """Predicted positions each text would give before truncation (same unit as ``n_tokens``), tokenizer only.
+
+    The run's cost estimate calls this on the driver, which never loads a model: the checkpoint's
+    ``tokenizer.json`` is read with the tokenizers library when it has one (the ids of its transformers fast
+    tokenizer, without importing transformers: seconds per run), else through transformers.
+    """
+    model_dir = prepare_model(cfg.model, cfg.cache_dir)
+    texts = [str(t) for t in texts]
+    fast = fast_token_counter(model_dir)
+    if fast is not None:
+        prefix, tokenizer = fast
+        ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)] if texts else []
+    else:
+        tokenizer = load_tokenizer(model_dir)
+        prefix, ids = len(bos_prefix(tokenizer)), text_token_ids(tokenizer, texts)
+    return [max(0, prefix + len(i) - 1) for i in ids]
+
+
+@lru_cache(maxsize=4)
+def fast_token_counter(model_dir: str):
+    """(BOS positions, ``tokenizers.Tokenizer``) from the checkpoint's own files, or None when they do not say
+    enough (no ``tokenizer.json``, or a BOS token it does not know)."""
+    import json
+
+    folder = Path(model_dir)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers' own order
+        if (folder / name).is_file():
+            bos = bos or json.loads((folder / name).read_text()).get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    if bos is None:
+        return 0, tokenizer
+    return (1, tokenizer) if tokenizer.token_to_id(str(bos)) is not None else None
 
 
 class Scorer:

@@ -276,13 +276,20 @@ def per_cluster_candidates(assigned, plan: CandidatePlan, columns: list[str]) ->
     """
     import ray
 
+    from ray.data.context import ShuffleStrategy
+
     slim = list(dict.fromkeys((*CANDIDATE_KEYS, plan.near_key)))
     partial = assigned.select_columns(slim).map_batches(
         block_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow")
-    # Ray's default of 200 shuffle partitions is for corpus-sized data; the survivors are candidate-sized.
+    # The survivors are candidate-sized: in a few blocks, a sort-based shuffle over Ray tasks brings each
+    # cluster's together. Ray's default hash shuffle starts a pool of aggregator actors per call (seconds of
+    # fixed cost, sized for corpus-sized data). The survivors' dataset has its own context: nothing else changes
+    # strategy.
     partitions = max(1, min(200, math.ceil(plan.total / CANDIDATES_PER_PARTITION)))
-    merged = partial.groupby(CLUSTER_ID, num_partitions=partitions).map_groups(
-        merge_candidates, fn_kwargs={"plan": plan}, batch_format="pyarrow")
+    survivors = ray.data.from_arrow_refs(partial.to_arrow_refs()).repartition(partitions)
+    survivors.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    merged = survivors.groupby(CLUSTER_ID).map_groups(merge_candidates, fn_kwargs={"plan": plan},
+                                                      batch_format="pyarrow")
     picks = ray.remote(_concat_picks).remote(*merged.select_columns([DOC_ID, CANDIDATE_REASON]).to_arrow_refs())
     expected = ray.get(ray.remote(_num_rows).remote(picks))
     if expected == 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import random
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -141,6 +143,25 @@ def test_scores_real_sentences():
     # BOS is prepended, so every text token is predicted: n_tokens equals the tokenizer-only count.
     assert out["n_tokens"].tolist() == count_tokens(DOCS, s.cfg)
     assert out["n_tokens"].dtype == np.int64 and out["truncated"].dtype == bool
+
+
+def test_token_counts_without_transformers_match_the_transformers_tokenizer(tmp_path):
+    from labelnext.ops.score import fast_token_counter, load_tokenizer
+    from labelnext.ops.score_inputs import bos_prefix, text_token_ids
+
+    cfg = ScoreConfig(model=BUNDLED_LLM, backend="transformers")
+    model_dir = model_prep.prepare_model(cfg.model)
+    docs = [*DOCS, "", "  leading and trailing spaces  ", "emoji 🎉 and CJK 漢字", "<|im_start|> in text", "x" * 3000]
+    tokenizer = load_tokenizer(model_dir)
+    expected = [max(0, len(bos_prefix(tokenizer)) + len(ids) - 1) for ids in text_token_ids(tokenizer, docs)]
+    assert fast_token_counter(model_dir) is not None
+    assert count_tokens(docs, cfg) == expected
+    # The driver's path: a fresh interpreter counts tokens without importing transformers.
+    code = ("import sys; from labelnext.ops.score import count_tokens; from labelnext.pipelines.config import "
+            f"ScoreConfig; print(count_tokens({docs!r}, ScoreConfig(model={BUNDLED_LLM!r})), "
+            "'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"{expected} False"
 
 
 def test_fluent_text_is_less_surprising_than_shuffled_words():
