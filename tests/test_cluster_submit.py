@@ -92,7 +92,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for proc in reversed(procs):  # worker first, then head
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=30)
+    # `ray start --block` stops its node on SIGTERM; what is left after that (idle workers, agents that
+    # ignore SIGTERM) is killed rather than waited for.
+    _, alive = psutil.wait_procs(tree, timeout=10)
     for p in alive:
         try:
             p.kill()
