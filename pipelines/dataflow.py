@@ -275,7 +275,6 @@ def per_cluster_candidates(assigned, plan: CandidatePlan, columns: list[str]) ->
     rows. The picks stay in the object store, so the driver receives the candidates once, with every column.
     """
     import ray
-
     from ray.data.context import ShuffleStrategy
 
     slim = list(dict.fromkeys((*CANDIDATE_KEYS, plan.near_key)))

@@ -145,7 +145,7 @@ def test_scores_real_sentences():
     assert out["n_tokens"].dtype == np.int64 and out["truncated"].dtype == bool
 
 
-def test_token_counts_without_transformers_match_the_transformers_tokenizer(tmp_path):
+def test_token_counts_without_transformers_match_the_transformers_tokenizer():
     from labelnext.ops.score import fast_token_counter, load_tokenizer
     from labelnext.ops.score_inputs import bos_prefix, text_token_ids
 
