@@ -32,15 +32,14 @@ def paired(f1: F1, dataset: str, budget: int, strategy: str, reference: str) -> 
 
 def paired_over_datasets(f1: F1, datasets: list[str], budget: int, strategy: str,
                          reference: str) -> tuple[float, float]:
-    """Mean over datasets of ``paired``'s mean, and the standard error over the seeds every dataset ran of the
-    per-seed mean over datasets."""
-    means = [paired(f1, d, budget, strategy, reference)[0] for d in datasets]
+    """Over the seeds every dataset ran: the mean of the per-seed difference averaged over datasets, and its
+    standard error."""
     seeds = [s for s in sorted({k[3] for k in f1})
              if all((d, budget, strategy, s) in f1 and (d, budget, reference, s) in f1 for d in datasets)]
     per_seed = np.array([np.mean([f1[(d, budget, strategy, s)] - f1[(d, budget, reference, s)] for d in datasets])
                          for s in seeds])
     se = float(per_seed.std(ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else float("nan")
-    return float(np.mean(means)), se
+    return float(per_seed.mean()), se
 
 
 CRITERIA = ("robust", "worst")
