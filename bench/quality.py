@@ -67,7 +67,7 @@ QUICK_SEEDS = 5  # 2 seeds flip the sign of B=50 gaps on the 1,000-doc subset; 5
 QUICK_DATASET = "ag_news_test"
 QUICK_POOL = 1000
 QUICK_TEST = 1500
-LOOP_SEEDS = 5
+LOOP_SEEDS = 15
 LOOP_QUICK_SEEDS = 2
 REQUIRED = ("random",)  # every difference is taken against it
 # With OMP_NUM_THREADS=1 (bench/README.md) scikit-learn's k-means with B clusters (TypiClust) takes about a second
@@ -304,7 +304,8 @@ def candidates(assigned: pa.Table, sizes: np.ndarray, budget: int, cfg, near_key
     """The candidates stage as the pipeline runs it (nearest by ``near_key``: the margin when labels exist)."""
     from labelnext.ops.candidates import block_candidates, merge_candidates, plan_candidates
 
-    plan = plan_candidates(sizes, budget, cfg.candidates, near_key=near_key)
+    plan = plan_candidates(sizes, budget, cfg.candidates, near_key=near_key,
+                           distance_weight=cfg.select.margin_distance_weight)
     blocks = [block_candidates(assigned.slice(i, BLOCK_ROWS), plan) for i in range(0, assigned.num_rows, BLOCK_ROWS)]
     return merge_candidates(pa.concat_tables(blocks), plan)
 
@@ -405,14 +406,20 @@ def load_pool(ds: Dataset, cfg, scored: bool) -> tuple[Pool, np.ndarray]:
     return Pool(ids=ds.ids[ds.pool], emb=emb_all[ds.pool], scores=scores), emb_all
 
 
-def strategy_settings(st: Strategy) -> str:
+# A label-round setting added after the cold-start results were cached: it cannot change a cold start, so
+# cold-start keys leave it out and those results stay valid; the loop's keys (with_labels) hold it.
+LABELS_ONLY_SELECT = {"margin_distance_weight"}
+
+
+def strategy_settings(st: Strategy, with_labels: bool = False) -> str:
     """The resolved settings a strategy's result depends on (the default config's, for ``labelnext``)."""
     from labelnext.pipelines.config import load_config
 
     if st.kind in ("random", "anchor"):
         return st.kind
     cfg = load_config(overrides=list(st.overrides))
-    return cache_key(cfg.cluster.model_dump_json(), cfg.candidates.model_dump_json(), cfg.select.model_dump_json(),
+    select = cfg.select.model_dump_json(exclude=None if with_labels else LABELS_ONLY_SELECT)
+    return cache_key(cfg.cluster.model_dump_json(), cfg.candidates.model_dump_json(), select,
                      cfg.embed.model, cfg.score.model, cfg.score.max_tokens)
 
 
@@ -660,7 +667,7 @@ def main_loop(args: argparse.Namespace, names: Optional[list[str]], pool_cap: Op
         pool, emb_all = load_pool(ds, cfg, loop.needs_llm(loop_strategies, cfg.select))
         lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, cfg, LR_C)
         log(f"{ds.name}: loop over pool {len(ds.pool)}, {args.rounds} rounds of {args.per_round}")
-        default = strategy_settings(Strategy("labelnext", "pipeline")) + "".join(args.set or [])
+        default = strategy_settings(Strategy("labelnext", "pipeline"), with_labels=True) + "".join(args.set or [])
         keys = {(st, s): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, args.rounds,
                                    args.per_round, s, st, "" if st in loop.DEFAULT_FREE else default,
                                    loop.CODE_VERSION.get(st, ""))

@@ -69,18 +69,36 @@ class CandidatePlan:
     near: np.ndarray  # per-cluster number of nearest-to-centroid candidates
     diverse: np.ndarray  # per-cluster number of random (diverse) candidates
     near_key: str = DISTANCE  # the "near" share takes the smallest values: distance, or a task model's margin
+    # With near_key = margin: rank by margin + distance_weight x distance to the centroid (select.
+    # margin_distance_weight), so uncertain documents from the dense part of a cluster come first.
+    distance_weight: float = 0.0
 
     @property
     def total(self) -> int:
         return int(self.near.sum() + self.diverse.sum())
 
 
-def plan_candidates(sizes: np.ndarray, budget: int, cfg: CandidatesConfig, near_key: str = DISTANCE) -> CandidatePlan:
+def plan_candidates(sizes: np.ndarray, budget: int, cfg: CandidatesConfig, near_key: str = DISTANCE,
+                    distance_weight: float = 0.0) -> CandidatePlan:
     total = math.ceil(cfg.factor * budget)
     quotas = proportional_quotas(sizes, total)
     near = np.ceil(quotas * (1.0 - cfg.diverse_fraction)).astype(np.int64)
     near = np.minimum(near, quotas)
-    return CandidatePlan(near=near, diverse=quotas - near, near_key=near_key)
+    return CandidatePlan(near=near, diverse=quotas - near, near_key=near_key,
+                         distance_weight=distance_weight if near_key != DISTANCE else 0.0)
+
+
+_NEAR_SCORE = "_near_score"
+
+
+def _near_ranked(table: pa.Table, plan: CandidatePlan) -> tuple[pa.Table, str]:
+    """``table`` and the column the "near" share takes the smallest values of: ``plan.near_key``, or (with a
+    distance weight) a temporary column of near_key + distance_weight x distance."""
+    if plan.distance_weight == 0.0:
+        return table, plan.near_key
+    score = pc.add(pc.cast(table.column(plan.near_key), pa.float64()),
+                   pc.multiply(pc.cast(table.column(DISTANCE), pa.float64()), plan.distance_weight))
+    return table.append_column(_NEAR_SCORE, score), _NEAR_SCORE
 
 
 def _top_per_cluster(table: pa.Table, key: str, limits: np.ndarray) -> np.ndarray:
@@ -111,7 +129,7 @@ def block_candidates(table: pa.Table, plan: CandidatePlan) -> pa.Table:
     """Per block: rows that could be in the global answer (nearest or smallest random key)."""
     if table.num_rows == 0:
         return table
-    near_idx = _top_per_cluster(table, plan.near_key, plan.near)
+    near_idx = _top_per_cluster(*_near_ranked(table, plan), plan.near)
     rand_idx = _top_per_cluster(table, RAND_KEY, plan.near + plan.diverse)
     idx = np.union1d(near_idx, rand_idx)
     return table.take(pa.array(idx, pa.int64()))
@@ -123,7 +141,7 @@ def merge_candidates(partial: pa.Table, plan: CandidatePlan) -> pa.Table:
         return partial.append_column(CANDIDATE_REASON, pa.array([], pa.string()))
     # Deterministic order regardless of block arrival order.
     partial = partial.sort_by([(CLUSTER_ID, "ascending"), ("doc_id", "ascending")])
-    near_idx = _top_per_cluster(partial, plan.near_key, plan.near)
+    near_idx = _top_per_cluster(*_near_ranked(partial, plan), plan.near)
     taken = np.zeros(partial.num_rows, dtype=bool)
     taken[near_idx] = True
     # Diverse share: the smallest random keys among rows not already taken as nearest.

@@ -17,7 +17,8 @@ Rules (DESIGN.md section 6; ``bench/quality.py`` measures them):
 ``quota`` splits the budget over clusters: ``size`` proportionally to cluster size; ``cover`` one document per
 cluster first (largest clusters first when there are more clusters than slots), the rest by size. With a task
 model (labels), ``labels_quota`` splits it instead; its default, ``uncertainty``, weighs each cluster's size by
-its mean uncertainty (negative margin) above the most certain cluster's, so confident regions get few labels.
+its mean uncertainty (negative margin) above the most certain cluster's, so confident regions get few labels;
+within a cluster the lowest margin + ``margin_distance_weight`` x distance to the centroid wins.
 Near-duplicates (cosine above ``dedup_threshold`` to an already-selected document) are skipped; if the
 quotas cannot be filled, the remaining slots go to the best remaining candidates overall.
 """
@@ -63,6 +64,10 @@ class SelectConfig(StageSettings):
         default="uncertainty", description="with labels, the split of the budget over clusters: proportional to "
         "size x how much less certain the task model is in the cluster than in the most certain one, to size, or "
         "as the cold start's quota (bench/quality.py --rounds measured them)")
+    margin_distance_weight: float = Field(
+        default=0.5, ge=0, description="with labels, documents are ranked within their cluster by margin + this x "
+        "distance to the centroid: uncertain documents from the dense part of a cluster first (0: the margin "
+        "alone; bench/quality.py --rounds chose it)")
     class_balance: float = Field(default=0.0, ge=0, le=1, description="with labels, tilt cluster quotas towards "
                                  "rare predicted labels (0 off, 1 full inverse class frequency)")
     task_model: TaskModelConfig = Field(default_factory=TaskModelConfig)
@@ -113,9 +118,12 @@ LABELS_ENTROPY_WEIGHT = 0.25  # bench/loop.py's "labelnext+entropy": entropy onl
 
 
 def margin_priority(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
-    """With a task model, whatever the rule: the lowest margin (the most uncertain document) first; with
-    ``llm_with_labels`` and LLM scores, margin percentile minus a quarter of the entropy percentile (per cluster)."""
+    """With a task model, whatever the rule: the lowest margin + ``margin_distance_weight`` x distance to the
+    centroid first (the candidates stage ranks by the same key); with ``llm_with_labels`` and LLM scores, that
+    key's percentile minus a quarter of the entropy percentile (per cluster)."""
     margin = table.column(MARGIN).to_numpy(zero_copy_only=False).astype(np.float64)
+    if cfg.margin_distance_weight:
+        margin = margin + cfg.margin_distance_weight * table.column(DISTANCE).to_numpy().astype(np.float64)
     finite = np.isfinite(margin)
     if not (cfg.llm_with_labels and "uncertainty" in table.column_names):
         return np.where(finite, -margin, -np.inf)

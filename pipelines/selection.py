@@ -269,7 +269,8 @@ class SelectionPipeline:
         self._check(cand.CONTRACT, clusters.assigned)
         assigned_columns = flow.columns_of(clusters.assigned)
         near_key = MARGIN if MARGIN in assigned_columns else DISTANCE
-        plan = cand.plan_candidates(clusters.sizes, self.req.budget, self.cfg.candidates, near_key=near_key)
+        plan = cand.plan_candidates(clusters.sizes, self.req.budget, self.cfg.candidates, near_key=near_key,
+                                    distance_weight=self.cfg.select.margin_distance_weight)
         columns = [c for c in assigned_columns if c not in {TEXT, NODE_ID, BUSY_S, ACTOR_ID}]
         try:
             table = flow.per_cluster_candidates(clusters.assigned, plan, columns)

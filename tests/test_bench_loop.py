@@ -43,7 +43,9 @@ def test_verdict_says_when_a_target_is_above_what_the_whole_pool_gives():
                 f1[("ds", st, r, s)] = value + 0.001 * s
     text = loop.loop_verdict(f1, ["ds"], ["random", "coldstart", "labelnext", "typiclust", "whole_pool"], 5, 200,
                              [0, 1, 2])
-    assert "600 labels: labelnext - random +0.030" in text and "FAIL" in text
+    assert ("600 labels: labelnext - random +0.0300 ± 0.0000 (>= +0.050: FAIL), labelnext - repeated cold start "
+            "+0.0100 ± 0.0000 (>= +0.020: FAIL)") in text
+    assert "round 1: labelnext - TypiClust +0.0300 ± 0.0000 (>= 0: PASS)" in text
     assert "whole pool labelled): +0.040 over random, +0.020 over the repeated cold start; the target is above it" in text
 
 

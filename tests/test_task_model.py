@@ -122,7 +122,7 @@ def test_candidates_take_the_lowest_margin_per_cluster_plus_a_diverse_share():
 def test_selector_ranks_by_lowest_margin_within_cluster_quotas_without_llm_scores():
     table = _assigned()
     sizes = np.array([40, 20, 10, 10])
-    cfg = SelectConfig(labels_quota="size")
+    cfg = SelectConfig(labels_quota="size", margin_distance_weight=0.0)
     contract(cfg, margin=True).check_input(table.column_names + ["embedding"])  # no LLM score columns needed
     out = Selector(cfg).select(table, sizes, 8)
     assert out.column_names == list(SELECTED_COLUMNS)
@@ -134,6 +134,44 @@ def test_selector_ranks_by_lowest_margin_within_cluster_quotas_without_llm_score
         picked = np.sort(out.filter(pa.compute.equal(out.column(CLUSTER_ID), c)).column(MARGIN).to_numpy())
         np.testing.assert_allclose(picked, np.sort(margins[clusters == c])[: len(picked)], rtol=1e-6)
     assert out.column(PREDICTED_LABEL).null_count == 0
+
+
+def test_margin_distance_weight_ranks_uncertain_documents_of_the_dense_part_first():
+    """By default, with labels, candidates and selection rank by margin + 0.5 x distance to the centroid: a
+    slightly less uncertain document near the centroid beats an outlier; at weight 0 the margin alone decides."""
+    table = _assigned(n=200, k=4, seed=3)
+    clusters = table.column(CLUSTER_ID).to_numpy()
+    margins = table.column(MARGIN).to_numpy().astype(np.float64)
+    key = margins + 0.5 * table.column(DISTANCE).to_numpy().astype(np.float64)
+    sizes = np.bincount(clusters)
+    weight = SelectConfig().margin_distance_weight
+    assert weight == 0.5
+    plan = cand.plan_candidates(sizes, 8, cand.CandidatesConfig(factor=2.0, diverse_fraction=0.0), near_key=MARGIN,
+                                distance_weight=weight)
+    partial = pa.concat_tables([cand.block_candidates(table.slice(i, 23), plan) for i in range(0, 200, 23)])
+    out = cand.merge_candidates(partial, plan)
+    assert out.num_rows == plan.total == 16
+    differs = []
+    for c in range(4):
+        got = set(out.filter(pa.compute.equal(out.column(CLUSTER_ID), c)).column(DOC_ID).to_pylist())
+        rows = np.flatnonzero(clusters == c)
+        by_key = {table.column(DOC_ID)[int(i)].as_py() for i in rows[np.argsort(key[rows])[: plan.near[c]]]}
+        by_margin = {table.column(DOC_ID)[int(i)].as_py() for i in rows[np.argsort(margins[rows])[: plan.near[c]]]}
+        assert got == by_key
+        differs.append(by_key != by_margin)
+    assert any(differs)  # the weight changes what is picked
+
+    cfg = SelectConfig(labels_quota="size")
+    picked = Selector(cfg).select(table, sizes, 8)
+    pos = {d: i for i, d in enumerate(table.column(DOC_ID).to_pylist())}
+    for c in range(4):
+        rows = [pos[d] for d in picked.filter(pa.compute.equal(picked.column(CLUSTER_ID), c)).column(DOC_ID).to_pylist()]
+        in_cluster = np.flatnonzero(clusters == c)
+        np.testing.assert_array_equal(np.sort(rows), np.sort(in_cluster[np.argsort(key[in_cluster])[: len(rows)]]))
+    plain = Selector(cfg.model_copy(update={"margin_distance_weight": 0.0})).select(table, sizes, 8)
+    assert set(plain.column(DOC_ID).to_pylist()) != set(picked.column(DOC_ID).to_pylist())
+    np.testing.assert_allclose(np.sort(picked.column(MARGIN).to_numpy()),
+                               np.sort(margins[[pos[d] for d in picked.column(DOC_ID).to_pylist()]]), rtol=1e-6)
 
 
 def test_with_labels_quotas_follow_size_times_how_uncertain_each_cluster_is():
@@ -168,6 +206,16 @@ def test_select_by_margin_on_plain_arrays_skips_near_duplicates():
     assert len(picked) == 4 and lowest in picked and second not in picked
     plain = select_by_margin(clusters, margins, np.array([10, 10]), 4)
     assert second in plain
+
+
+def test_select_by_margin_on_plain_arrays_weighs_the_distance_to_the_centroid():
+    clusters = np.zeros(3, dtype=np.int64)
+    margins = np.array([0.10, 0.20, 0.30])
+    distances = np.array([0.60, 0.10, 0.10])  # the most uncertain document is the cluster's outlier
+    assert select_by_margin(clusters, margins, np.array([3]), 1, distances=distances).tolist() == [1]
+    assert select_by_margin(clusters, margins, np.array([3]), 1, distances=distances,
+                            margin_distance_weight=0.0).tolist() == [0]
+    assert select_by_margin(clusters, margins, np.array([3]), 1).tolist() == [0]
 
 
 def test_class_balance_tilts_quotas_towards_rare_predicted_labels():
