@@ -91,14 +91,22 @@ def plan_candidates(sizes: np.ndarray, budget: int, cfg: CandidatesConfig, near_
 _NEAR_SCORE = "_near_score"
 
 
+def weighted_by_distance(table: pa.Table, key: str, distance_weight: float) -> np.ndarray:
+    """``key`` + ``distance_weight`` x distance to the centroid, per row: the with-labels ranking key (smaller
+    first) that the candidates stage and the ``Selector`` share."""
+    values = table.column(key).to_numpy(zero_copy_only=False).astype(np.float64)
+    if distance_weight:
+        values = values + distance_weight * table.column(DISTANCE).to_numpy(zero_copy_only=False).astype(np.float64)
+    return values
+
+
 def _near_ranked(table: pa.Table, plan: CandidatePlan) -> tuple[pa.Table, str]:
     """``table`` and the column the "near" share takes the smallest values of: ``plan.near_key``, or (with a
-    distance weight) a temporary column of near_key + distance_weight x distance."""
+    distance weight) a temporary column of :func:`weighted_by_distance`."""
     if plan.distance_weight == 0.0:
         return table, plan.near_key
-    score = pc.add(pc.cast(table.column(plan.near_key), pa.float64()),
-                   pc.multiply(pc.cast(table.column(DISTANCE), pa.float64()), plan.distance_weight))
-    return table.append_column(_NEAR_SCORE, score), _NEAR_SCORE
+    score = weighted_by_distance(table, plan.near_key, plan.distance_weight)
+    return table.append_column(_NEAR_SCORE, pa.array(score, pa.float64())), _NEAR_SCORE
 
 
 def _top_per_cluster(table: pa.Table, key: str, limits: np.ndarray) -> np.ndarray:

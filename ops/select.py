@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
-from labelnext.ops.candidates import proportional_quotas, seeded_ranks
+from labelnext.ops.candidates import proportional_quotas, seeded_ranks, weighted_by_distance
 from labelnext.ops.columns import (CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, MARGIN, PREDICTED_LABEL, RAND_KEY,
                                    SCORE_COLUMNS, SELECTED_COLUMNS)
 from labelnext.ops.contract import StageContract
@@ -121,9 +121,7 @@ def margin_priority(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
     """With a task model, whatever the rule: the lowest margin + ``margin_distance_weight`` x distance to the
     centroid first (the candidates stage ranks by the same key); with ``llm_with_labels`` and LLM scores, that
     key's percentile minus a quarter of the entropy percentile (per cluster)."""
-    margin = table.column(MARGIN).to_numpy(zero_copy_only=False).astype(np.float64)
-    if cfg.margin_distance_weight:
-        margin = margin + cfg.margin_distance_weight * table.column(DISTANCE).to_numpy().astype(np.float64)
+    margin = weighted_by_distance(table, MARGIN, cfg.margin_distance_weight)
     finite = np.isfinite(margin)
     if not (cfg.llm_with_labels and "uncertainty" in table.column_names):
         return np.where(finite, -margin, -np.inf)
