@@ -17,7 +17,7 @@ datasets and reported on the held-out one. scikit-activeml's TypiClust and ProbC
 
     python -m bench.quality            # full run (long on a small CPU machine; see bench/README.md)
     python -m bench.quality --quick    # a few minutes: one dataset subset, budgets 20/50, 5 seeds
-    python -m bench.quality --rounds 5 --per-round 200    # the nightly loop, 5 seeds
+    python -m bench.quality --rounds 5 --per-round 200    # the nightly loop, 15 seeds
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import anchors, lodo, loop  # noqa: E402
+from bench.llm_features import llm_features  # noqa: E402
 from bench.result_cache import ResultCache  # noqa: E402
 from bench.common import (  # noqa: E402
     OUT, SHARED_DATA, SHARED_DATA_DISPLAY, cache_key, file_sha256, log, machine_description, markdown_table,
@@ -660,12 +661,14 @@ def main_loop(args: argparse.Namespace, names: Optional[list[str]], pool_cap: Op
     results, used = [], []
     cache = ResultCache(CACHE / "loop-results.jsonl", fresh=args.fresh)
     seeds = args.seeds or (LOOP_QUICK_SEEDS if args.quick else LOOP_SEEDS)
-    loop_strategies = [s for s in loop.LOOP_STRATEGIES
-                       if not args.strategies or s in args.strategies or s in loop.REQUIRED]
+    loop_strategies = loop.chosen(args.strategies)
     for path in discover(names):
         ds = split(load_dataset(path), pool_cap, QUICK_TEST if args.quick else None)
         pool, emb_all = load_pool(ds, cfg, loop.needs_llm(loop_strategies, cfg.select))
-        lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, cfg, LR_C)
+        features = (llm_features(ds.name, ds.sha256, [str(t) for t in ds.texts[ds.pool]], ds.pool, cfg.score)
+                    if loop.needs_llm_features(loop_strategies) else None)
+        lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, cfg, LR_C,
+                       features)
         log(f"{ds.name}: loop over pool {len(ds.pool)}, {args.rounds} rounds of {args.per_round}")
         default = strategy_settings(Strategy("labelnext", "pipeline"), with_labels=True) + "".join(args.set or [])
         keys = {(st, s): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, args.rounds,

@@ -455,7 +455,8 @@ class SelectionPipeline:
         if self.cfg.select.llm_with_labels:
             return "on: select.llm_with_labels is true (the LLM's entropy breaks near-ties of the margin)"
         return ("skipped: labels exist and select.llm_with_labels is false; the task model's margin ranks the "
-                "candidates, and the LLM's entropy has not been shown to add to it (bench/quality.py)")
+                "candidates, and neither the LLM's entropy nor a probe on its hidden states added to it on the "
+                "label-loop benchmark (bench/quality.py --rounds)")
 
     def _llm_skipped(self) -> bool:
         info = self.task_info

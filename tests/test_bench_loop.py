@@ -4,6 +4,7 @@ on a small pool of real-shaped embeddings with the product's task model."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bench import loop
 from bench.quality import LR_C, Pool
@@ -78,3 +79,44 @@ def test_labelnext_rounds_pick_unlabelled_candidates_by_margin(monkeypatch):
     assert seen["near_key"] == "margin" and seen["candidates"] < seen["pool"] == n - 20
     assert {"margin", "predicted_label"} <= seen["columns"]
     assert sum(seen["label_counts"].values()) == 20
+
+
+def test_probe_strategy_ranks_by_the_margin_of_the_task_model_and_the_llm_probe_together(monkeypatch):
+    """``labelnext+probe`` averages the task model's probabilities with a probe's on the LLM features (trained
+    on the same labels) and hands that margin to the same Cluster-Margin selection."""
+    lp, n = _loop(per_round=4)
+    features = np.random.default_rng(1).standard_normal((n, 24)).astype(np.float32)
+    features[:, 0] += 3.0 * (lp.pool_y == "c0")
+    lp = loop.Loop(lp.pool, lp.pool_y, lp.test_x, lp.test_y, 4, lp.cfg, LR_C, features)
+    labelled = np.arange(20)
+    model = loop.fit(lp.pool.emb[labelled], lp.pool_y[labelled], LR_C)
+    seen = {}
+    real = loop.Loop._cluster_margin
+
+    def cluster_margin(self, rest, margin, predicted, label_counts, budget, seed, with_entropy):
+        seen["margin"], seen["predicted"] = margin, predicted
+        return real(self, rest, margin, predicted, label_counts, budget, seed, with_entropy)
+
+    monkeypatch.setattr(loop.Loop, "_cluster_margin", cluster_margin)
+    picked = lp.pick("labelnext+probe", labelled, model, seed=0)
+    assert len(picked) == 4 and not set(picked.tolist()) & set(range(20))
+    rest = np.arange(20, n)
+    probe_x = loop.standardised(features)
+    probe = loop.fit(probe_x[labelled], lp.pool_y[labelled], loop.PROBE_C)
+    p = 0.5 * model.predict_proba(lp.pool.emb[rest]) + 0.5 * probe.predict_proba(probe_x[rest])
+    np.testing.assert_allclose(seen["margin"], np.sort(p, axis=1)[:, -1] - np.sort(p, axis=1)[:, -2], atol=1e-6)
+    assert not np.allclose(seen["margin"], model.margin(lp.pool.emb[rest])[0], atol=1e-3)
+    assert (seen["predicted"] == model.classes[np.argmax(p, axis=1)]).all()
+    lp.pick("labelnext+probe-only", labelled, model, seed=0)
+    p = probe.predict_proba(probe_x[rest])
+    np.testing.assert_allclose(seen["margin"], np.sort(p, axis=1)[:, -1] - np.sort(p, axis=1)[:, -2], atol=1e-6)
+
+    without, _ = _loop(per_round=4)
+    with pytest.raises(ValueError, match="LLM features"):
+        without.pick("labelnext+probe", labelled, model, seed=0)
+
+
+def test_the_probe_strategy_runs_only_when_asked_for():
+    assert not {"labelnext+probe", "labelnext+probe-only"} & set(loop.chosen(None)) and "labelnext" in loop.chosen(None)
+    assert loop.chosen(["labelnext+probe"]) == ["random", "labelnext+probe"]
+    assert loop.needs_llm_features(loop.chosen(["labelnext+probe"])) and not loop.needs_llm_features(loop.chosen(None))
