@@ -84,12 +84,6 @@ def standardised(features: np.ndarray) -> np.ndarray:
     return (f / np.sqrt(f.shape[1])).astype(np.float32)
 
 
-def margins(p: np.ndarray) -> np.ndarray:
-    """Top-1 minus top-2 of each row of class probabilities."""
-    top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
-
-
 def macro_f1(model, only_class: str, test_x: np.ndarray, test_y: np.ndarray) -> float:
     """Test macro-F1; a label set with a single class predicts that class."""
     from sklearn.metrics import f1_score
@@ -148,12 +142,14 @@ class Loop:
                       share: float) -> tuple[np.ndarray, np.ndarray]:
         """Margin and predicted label of the LLM probe's probabilities mixed with the task model's (the probe's
         ``share``)."""
+        from labelnext.ops.task_model import top_two_margin
+
         if self.probe_x is None:
             raise ValueError("the probe strategies need the LLM features (bench/llm_features.py)")
         probe = fit(self.probe_x[labelled], self.pool_y[labelled], PROBE_C)
         assert np.array_equal(probe.classes, model.classes)  # both fitted on the same labels
         p = (1 - share) * model.predict_proba(self.pool.emb[rest]) + share * probe.predict_proba(self.probe_x[rest])
-        return margins(p), model.classes[np.argmax(p, axis=1)]
+        return top_two_margin(p), model.classes[np.argmax(p, axis=1)]
 
     def _cold_start(self, rest: np.ndarray, budget: int, seed: int) -> np.ndarray:
         from bench.quality import Runner, Strategy
@@ -195,6 +191,7 @@ def chosen(requested: Optional[list[str]]) -> list[str]:
 
 
 def needs_llm_features(strategies: list[str]) -> bool:
+    """Whether a probe strategy runs (then every pool document goes through the LLM once, cached)."""
     return bool(set(PROBE_SHARE) & set(strategies))
 
 

@@ -69,8 +69,7 @@ class TaskModel:
         p = self.predict_proba(x)
         if len(p) == 0:
             return np.zeros(0, np.float32), self.classes[:0]
-        top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
-        return (top2[:, 1] - top2[:, 0]).astype(np.float32), self.classes[np.argmax(p, axis=1)]
+        return top_two_margin(p).astype(np.float32), self.classes[np.argmax(p, axis=1)]
 
     # -- small arrays: broadcast to actors, saved next to the run ------------------------------------
     def to_table(self) -> pa.Table:
@@ -95,6 +94,12 @@ class TaskModel:
     def load(cls, filesystem, path: str) -> "TaskModel":
         with filesystem.open_input_file(path) as fh:
             return cls.from_table(pq.read_table(fh))
+
+
+def top_two_margin(p: np.ndarray) -> np.ndarray:
+    """Per row of class probabilities ``p`` [n, c >= 2]: the most probable class's minus the second's."""
+    top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
 
 
 def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, cfg: TaskModelConfig) -> tuple[Optional[float], int]:
