@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import OUT, cache_key, log, slug
+from bench.common import OUT, cache_key, log, save_array, slug
 
 CACHE = OUT / "cache"
 CHUNK_DOCS = 256  # documents per call to the engine: progress lines and bounded host memory
@@ -29,10 +29,7 @@ def llm_features(name: str, sha256: str, texts: list[str], rows: np.ndarray, cfg
     if path.exists():
         return np.load(path)
     out = pooled_hidden_states(texts, cfg, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, out)
-    os.replace(tmp, path)
+    save_array(path, out)
     return out
 
 

@@ -43,7 +43,7 @@ from bench.llm_features import llm_features  # noqa: E402
 from bench.result_cache import ResultCache  # noqa: E402
 from bench.common import (  # noqa: E402
     OUT, SHARED_DATA, SHARED_DATA_DISPLAY, cache_key, file_sha256, log, machine_description, markdown_table,
-    setup_env, slug,
+    save_array, setup_env, slug,
 )
 
 SPLIT_SEED = 0
@@ -190,8 +190,7 @@ def embeddings(ds: Dataset, cfg) -> np.ndarray:
         return np.load(path)
     log(f"{ds.name}: embedding {len(ds.texts)} docs with {cfg.model}")
     emb = Embedder(cfg, device="cuda" if _has_cuda() else "cpu").encode([str(t) for t in ds.texts])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, emb)
+    save_array(path, emb)
     return emb
 
 
