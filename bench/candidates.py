@@ -34,8 +34,8 @@ QUICK = ((300, 12, 12), (25_000, 400, 2_000))
 
 def assigned_blocks(ray, n: int, k: int, seed: int = 0):
     """A materialised dataset of the candidate keys: doc_id, cluster_id, distance, rand_key."""
-    from labelnext.ops.cluster import rand_keys
-    from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, RAND_KEY
+    from labelnext.ops.cluster.kmeans import rand_keys
+    from labelnext.ops.core.columns import CLUSTER_ID, DISTANCE, DOC_ID, RAND_KEY
 
     rng = np.random.default_rng(seed)
     ids = [f"d{i:08d}" for i in range(n)]
@@ -51,8 +51,8 @@ def assigned_blocks(ray, n: int, k: int, seed: int = 0):
 
 def hash_groupby_picks(assigned, plan) -> pa.Table:
     """The former merge: Ray Data's default groupby (hash shuffle) over the same survivors."""
-    from labelnext.ops.candidates import block_candidates, merge_candidates
-    from labelnext.ops.columns import CANDIDATE_REASON, CLUSTER_ID, DOC_ID
+    from labelnext.ops.cluster.candidates import block_candidates, merge_candidates
+    from labelnext.ops.core.columns import CANDIDATE_REASON, CLUSTER_ID, DOC_ID
     from labelnext.pipelines.dataflow import CANDIDATE_KEYS, CANDIDATES_PER_PARTITION, collect
 
     partial = assigned.select_columns(list(dict.fromkeys((*CANDIDATE_KEYS, plan.near_key)))).map_batches(
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_env()
     import ray
 
-    from labelnext.ops.candidates import CandidatesConfig, cluster_sizes, plan_candidates
-    from labelnext.ops.columns import CANDIDATE_REASON, CLUSTER_ID, DOC_ID
+    from labelnext.ops.cluster.candidates import CandidatesConfig, cluster_sizes, plan_candidates
+    from labelnext.ops.core.columns import CANDIDATE_REASON, CLUSTER_ID, DOC_ID
     from labelnext.pipelines.config import RunConfig
     from labelnext.pipelines.dataflow import CANDIDATE_KEYS, init_ray, per_cluster_candidates
 

@@ -23,7 +23,7 @@ def setup_env() -> None:
     """Quiet, offline defaults for the bench process (the same ones the pipeline uses)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from labelnext.ops.quiet import quiet_third_party
+    from labelnext.ops.core.quiet import quiet_third_party
 
     quiet_third_party()
 

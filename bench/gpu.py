@@ -1,8 +1,8 @@
 """GPU stages against simple ceilings on the same device, in one run: embed docs/s and score tokens/s.
 
 Runs where only torch, transformers and sentence-transformers (plus numpy and pydantic) are installed: no Ray,
-FAISS, vLLM or network. It imports the stages' plain classes (``labelnext.ops.embed.Embedder``,
-``labelnext.ops.tokenize.EncoderTokenizer``, ``labelnext.ops.score.Scorer``, transformers backend) and, when
+FAISS, vLLM or network. It imports the stages' plain classes (``labelnext.ops.embed.encoder.Embedder``,
+``labelnext.ops.embed.tokenize.EncoderTokenizer``, ``labelnext.ops.score.scorer.Scorer``, transformers backend) and, when
 ``labelnext`` is not installed, loads them straight from this checkout.
 
     python -m bench.gpu --export-configs bench/out/gpu-inputs        # here: configs, tokenizers, documents
@@ -107,7 +107,7 @@ def load_texts(source: Optional[Path], n: int, seed: int = 0) -> tuple[list[str]
 def export_inputs(out: Path, n_docs: int) -> None:
     """Configs and tokenizers of the bundled models (no weights) and documents as JSONL, for the GPU machine."""
     ensure_labelnext()
-    from labelnext.ops.model_prep import BUNDLED_ENCODER, BUNDLED_LLM, prepare_model, resolve_encoder_path
+    from labelnext.ops.core.model_prep import BUNDLED_ENCODER, BUNDLED_LLM, prepare_model, resolve_encoder_path
 
     out.mkdir(parents=True, exist_ok=True)
     for name, src in (("encoder", resolve_encoder_path(BUNDLED_ENCODER)), ("llm", prepare_model(BUNDLED_LLM))):
@@ -126,7 +126,7 @@ def with_random_weights(src: Path, work: Path, causal: bool, layers: Optional[in
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from labelnext.ops.tokenize import _transformer_dir
+    from labelnext.ops.embed.tokenize import _transformer_dir
 
     dst = work / src.name
     shutil.copytree(src, dst, ignore=lambda _d, names: [n for n in names if n.endswith(_WEIGHT_SUFFIXES)])
@@ -160,7 +160,7 @@ def best_of(rounds: int, fn: Callable[[], object], device: str) -> tuple[float, 
 @lru_cache(maxsize=2)
 def _worker_tokenizer(model: str, max_seq_length: int):
     ensure_labelnext()  # spawned workers start from a fresh interpreter
-    from labelnext.ops.tokenize import EncoderTokenizer
+    from labelnext.ops.embed.tokenize import EncoderTokenizer
 
     return EncoderTokenizer.for_encoder(model, max_seq_length)
 
@@ -171,7 +171,7 @@ def _tokenize_chunk(model: str, max_seq_length: int, texts: list[str]) -> list[n
 
 def _score_tokenize_chunk(settings: str, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
     ensure_labelnext()  # spawned workers start from a fresh interpreter
-    from labelnext.ops.score import score_tokenizer_for
+    from labelnext.ops.score.scorer import score_tokenizer_for
 
     enc = score_tokenizer_for(settings)(texts)
     return enc.ids, enc.truncated
@@ -187,9 +187,9 @@ def bench_embed(texts: list[str], encoder: str, device: str, rounds: int, worker
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from labelnext.ops import embed as emb
-    from labelnext.ops.embed import EmbedConfig, Embedder, resolve_encoder_path
-    from labelnext.ops.tokenize import EncoderTokenizer
+    from labelnext.ops.embed import encoder as emb
+    from labelnext.ops.embed.encoder import EmbedConfig, Embedder, resolve_encoder_path
+    from labelnext.ops.embed.tokenize import EncoderTokenizer
 
     cfg = EmbedConfig(model=encoder)
     n = len(texts)
@@ -298,10 +298,10 @@ def bench_score(texts: list[str], llm: str, device: str, rounds: int, max_tokens
     import torch
     from transformers import AutoModelForCausalLM
 
-    from labelnext.ops.model_prep import prepare_model
-    from labelnext.ops.score import Scorer, docs_per_batch, load_tokenizer
-    from labelnext.ops.score_inputs import encode
-    from labelnext.ops.score_settings import ScoreConfig
+    from labelnext.ops.core.model_prep import prepare_model
+    from labelnext.ops.score.scorer import Scorer, docs_per_batch, load_tokenizer
+    from labelnext.ops.score.inputs import encode
+    from labelnext.ops.score.settings import ScoreConfig
 
     base = ScoreConfig(backend="transformers", model=llm, max_tokens=max_tokens, truncation="head_tail")
     batch = {"doc_id": np.arange(len(texts)), "text": np.array(texts, dtype=object)}
@@ -443,7 +443,7 @@ def reference_scores(model_dir: str, tokenizer, texts: list[str], window: int, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from labelnext.ops.score_inputs import encode
+    from labelnext.ops.score.inputs import encode
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     out = {"uncertainty": [], "nll": []}
@@ -524,8 +524,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         export_inputs(args.export_configs, max(args.embed_docs, args.score_docs))
         return 0
     ensure_labelnext()
-    from labelnext.ops.model_prep import BUNDLED_ENCODER, BUNDLED_LLM, resolve_device
-    from labelnext.ops.quiet import quiet_third_party
+    from labelnext.ops.core.model_prep import BUNDLED_ENCODER, BUNDLED_LLM, resolve_device
+    from labelnext.ops.core.quiet import quiet_third_party
 
     quiet_third_party()
     device = resolve_device(args.device)

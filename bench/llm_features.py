@@ -37,7 +37,7 @@ def pooled_hidden_states(texts: list[str], cfg, name: str = "") -> np.ndarray:
     """Mean over each document's positions of the ``Scorer`` engine's final hidden states (zeros when empty)."""
     import torch
 
-    from labelnext.ops.score import Scorer
+    from labelnext.ops.score.scorer import Scorer
 
     scorer = Scorer(cfg, device="auto", num_cpus=os.cpu_count() or 1)
     try:

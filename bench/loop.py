@@ -20,7 +20,7 @@ Strategies, each starting from an empty label set on the same pool:
 - ``whole_pool``: every pool document labelled in round 1: the ceiling of the task model on these embeddings,
   so ``whole_pool - random`` is the largest gain over random any strategy could show at a round.
 
-Every strategy is scored with the product's task model (``labelnext.ops.task_model.TaskModel``, a logistic
+Every strategy is scored with the product's task model (``labelnext.ops.select.task_model.TaskModel``, a logistic
 regression with ``C=LR_C`` on the embeddings) trained on its labels so far.
 """
 
@@ -67,8 +67,8 @@ class LoopResult:
 
 
 def fit(x: np.ndarray, y: np.ndarray, c: float):
-    """The product's task model (``labelnext.ops.task_model``); None until the labels hold two classes."""
-    from labelnext.ops.task_model import TaskModel
+    """The product's task model (``labelnext.ops.select.task_model``); None until the labels hold two classes."""
+    from labelnext.ops.select.task_model import TaskModel
 
     if np.unique(np.asarray(y).astype(str)).size < 2:
         return None
@@ -142,7 +142,7 @@ class Loop:
                       share: float) -> tuple[np.ndarray, np.ndarray]:
         """Margin and predicted label of the LLM probe's probabilities mixed with the task model's (the probe's
         ``share``)."""
-        from labelnext.ops.task_model import top_two_margin
+        from labelnext.ops.select.task_model import top_two_margin
 
         if self.probe_x is None:
             raise ValueError("the probe strategies need the LLM features (bench/llm_features.py)")
@@ -160,8 +160,8 @@ class Loop:
                         label_counts: dict[str, int], budget: int, seed: int, with_entropy: bool) -> np.ndarray:
         """The real ``assign``, candidates stage and ``Selector`` (default config) over the unlabelled documents
         with their margins, as the pipeline runs them when labels exist."""
-        from labelnext.ops.columns import CLUSTER_ID, MARGIN, PREDICTED_LABEL
-        from labelnext.ops.select import Selector, percentile_within
+        from labelnext.ops.core.columns import CLUSTER_ID, MARGIN, PREDICTED_LABEL
+        from labelnext.ops.select.selector import Selector, percentile_within
 
         from bench.quality import assign, candidates, select_rows, with_features
 
@@ -196,7 +196,7 @@ def needs_llm_features(strategies: list[str]) -> bool:
 
 
 def needs_llm(strategies: list[str], select_cfg) -> bool:
-    from labelnext.ops.select import uses_llm
+    from labelnext.ops.select.selector import uses_llm
 
     cold_start_based = {"coldstart", "margin", "labelnext"} & set(strategies)
     return "labelnext+entropy" in strategies or (bool(cold_start_based) and uses_llm(select_cfg))

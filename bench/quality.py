@@ -183,7 +183,7 @@ def _stratified_cap(rows: np.ndarray, labels: np.ndarray, cap: Optional[int]) ->
 # -- cached embeddings and LLM scores ---------------------------------------------------------------------
 def embeddings(ds: Dataset, cfg) -> np.ndarray:
     """Embeddings of every row of the file (real ``Embedder``), cached by file hash + model."""
-    from labelnext.ops.embed import Embedder
+    from labelnext.ops.embed.encoder import Embedder
 
     path = CACHE / f"emb-{slug(ds.name)}-{cache_key(ds.sha256, cfg.model, cfg.max_seq_length)}.npy"
     if path.is_file():
@@ -224,7 +224,7 @@ def llm_scores(ds: Dataset, rows: np.ndarray, cfg) -> pa.Table:
 
 
 def _score_missing(ds: Dataset, todo: list[int], cfg, scores: dict[str, dict], path: Path) -> None:
-    from labelnext.ops.score import Scorer
+    from labelnext.ops.score.scorer import Scorer
 
     log(f"{ds.name}: scoring {len(todo)} docs with {cfg.model} ({cfg.backend}); cache {path.name}")
     scorer = Scorer(cfg, device="auto", num_cpus=os.cpu_count() or 1)
@@ -270,8 +270,8 @@ def _embedding_column(emb: np.ndarray) -> pa.Array:
 
 def assign(pool: Pool, budget: int, cfg, seed: int) -> tuple[pa.Table, np.ndarray]:
     """k-means on a sample (seeded), every pool doc assigned; returns (assignment table, cluster sizes)."""
-    from labelnext.ops.candidates import cluster_sizes
-    from labelnext.ops.cluster import CLUSTER_ID, Assigner, choose_k, rand_keys, train_kmeans, train_sample_size
+    from labelnext.ops.cluster.candidates import cluster_sizes
+    from labelnext.ops.cluster.kmeans import CLUSTER_ID, Assigner, choose_k, rand_keys, train_kmeans, train_sample_size
 
     n = len(pool.ids)
     cluster_cfg = cfg.cluster.model_copy(update={"seed": seed})
@@ -302,7 +302,7 @@ def with_features(table: pa.Table, pool: Pool, scored: bool) -> pa.Table:
 
 def candidates(assigned: pa.Table, sizes: np.ndarray, budget: int, cfg, near_key: str = "distance") -> pa.Table:
     """The candidates stage as the pipeline runs it (nearest by ``near_key``: the margin when labels exist)."""
-    from labelnext.ops.candidates import block_candidates, merge_candidates, plan_candidates
+    from labelnext.ops.cluster.candidates import block_candidates, merge_candidates, plan_candidates
 
     plan = plan_candidates(sizes, budget, cfg.candidates, near_key=near_key,
                            distance_weight=cfg.select.margin_distance_weight)
@@ -342,7 +342,7 @@ class Runner:
         return self._assignments[key]
 
     def pick(self, strategy: Strategy) -> Picked:
-        from labelnext.ops.select import Selector, uses_llm
+        from labelnext.ops.select.selector import Selector, uses_llm
 
         n = len(self.pool.ids)
         if strategy.kind == "random":
@@ -392,7 +392,7 @@ class Result:
 
 def needs_llm(strategies_: list[Strategy]) -> bool:
     """Whether any strategy ranks by LLM scores (then every pool document is scored once, and cached)."""
-    from labelnext.ops.select import uses_llm
+    from labelnext.ops.select.selector import uses_llm
     from labelnext.pipelines.config import load_config
 
     return any(s.kind == "entropy_all" or (s.kind == "pipeline" and uses_llm(load_config(overrides=list(

@@ -88,7 +88,7 @@ def load_texts(n: int) -> tuple[list[str], str]:
 
 # -- methods --------------------------------------------------------------------------------------------
 def bench_scorer(cfg, texts: list[str], tokens: int, rounds: int, device: str, cpus: int) -> tuple[Row, dict]:
-    from labelnext.ops.score import Scorer
+    from labelnext.ops.score.scorer import Scorer
 
     with stopwatch() as t_init:
         scorer = Scorer(cfg, device, num_cpus=cpus)
@@ -123,7 +123,7 @@ def bench_bare_hf(model_dir: str, ids: list[list[int]], device: str, dtype, roun
 
 
 def bench_bare_vllm(model_dir: str, ids: list[list[int]], cfg, device: str, rounds: int) -> Row:
-    from labelnext.ops.score_vllm import apply_env_defaults
+    from labelnext.ops.score.backend_vllm import apply_env_defaults
 
     apply_env_defaults(device)  # the same KV-cache and logging defaults as the stage
     from vllm import LLM, SamplingParams
@@ -153,8 +153,8 @@ def bench_ray(cfg, texts: list[str], tokens: int, cpus: int, device: str) -> lis
     the stage's marginal throughput, the figure a large run sees."""
     import ray
 
-    from labelnext.ops.quiet import worker_env
-    from labelnext.ops.score import score_dataset
+    from labelnext.ops.core.quiet import worker_env
+    from labelnext.ops.score.scorer import score_dataset
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     seconds = {}
@@ -178,7 +178,7 @@ def bench_ray(cfg, texts: list[str], tokens: int, cpus: int, device: str) -> lis
 
 
 def meta_dtype(dtype: str, device: str) -> str:
-    from labelnext.ops.score import resolve_dtype
+    from labelnext.ops.score.scorer import resolve_dtype
 
     return str(resolve_dtype(dtype, device)).removeprefix("torch.")
 
@@ -189,8 +189,8 @@ def reference_scores(model_dir: str, texts: list[str], window: int, truncation: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from labelnext.ops.score import load_tokenizer
-    from labelnext.ops.score_inputs import encode
+    from labelnext.ops.score.scorer import load_tokenizer
+    from labelnext.ops.score.inputs import encode
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     enc = encode(load_tokenizer(model_dir), texts, window=window, truncation=truncation)
@@ -273,10 +273,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_env()
     import torch
 
-    from labelnext.ops.model_prep import prepare_model
-    from labelnext.ops.score import load_tokenizer, model_window, resolve_device, resolve_dtype
-    from labelnext.ops.score_inputs import encode
-    from labelnext.ops.score_vllm import vllm_available
+    from labelnext.ops.core.model_prep import prepare_model
+    from labelnext.ops.score.scorer import load_tokenizer, model_window, resolve_device, resolve_dtype
+    from labelnext.ops.score.inputs import encode
+    from labelnext.ops.score.backend_vllm import vllm_available
     from labelnext.pipelines.config import ScoreConfig
 
     load_before = os.getloadavg()[0]

@@ -1,7 +1,7 @@
 """Select stage time at the cluster config's size: budget 20,000 from 100,000 scored candidates, 384-d vectors.
 
 The ``Selector`` (default rule) runs on synthetic candidates twice in the same process: with its near-duplicate
-check (``labelnext.ops.near_duplicates.NearDuplicates``) and with the former one (the candidates' vectors built
+check (``labelnext.ops.select.near_duplicates.NearDuplicates``) and with the former one (the candidates' vectors built
 with ``to_pylist()``, then every try compared with a copy of every selected vector in float32). Two vector sets:
 
 - ``random``: unit vectors with no structure; hardly any candidate is a near-duplicate.
@@ -54,7 +54,7 @@ def vectors(kind: str, n: int, k: int, rng: np.random.Generator) -> tuple[np.nda
 
 
 def candidates(kind: str, n: int, k: int, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
-    from labelnext.ops.columns import CLUSTER_ID, DISTANCE, RAND_KEY
+    from labelnext.ops.core.columns import CLUSTER_ID, DISTANCE, RAND_KEY
 
     rng = np.random.default_rng(seed)
     emb, clusters = vectors(kind, n, k, rng)
@@ -77,8 +77,8 @@ def former_selector():
     """The select stage before the near-duplicate check: vectors via ``to_pylist()``, float32 copies per try."""
     from functools import partial
 
-    from labelnext.ops.near_duplicates import ExhaustiveNearDuplicates
-    from labelnext.ops.select import Selector
+    from labelnext.ops.select.near_duplicates import ExhaustiveNearDuplicates
+    from labelnext.ops.select.selector import Selector
 
     class Former(Selector):
         near_duplicates = partial(ExhaustiveNearDuplicates, dtype=np.float32)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="budget 4,000 from 20,000 candidates")
     args = parser.parse_args(argv)
     setup_env()
-    from labelnext.ops.select import SelectConfig, Selector
+    from labelnext.ops.select.selector import SelectConfig, Selector
 
     budget, n = (4000, 20_000) if args.quick else (20_000, 100_000)
     cfg = SelectConfig()

@@ -88,7 +88,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def _bare_model(cfg, dtype=None):
     from sentence_transformers import SentenceTransformer
 
-    from labelnext.ops.embed import resolve_device, resolve_encoder_path
+    from labelnext.ops.embed.encoder import resolve_device, resolve_encoder_path
 
     kwargs = {"model_kwargs": {"torch_dtype": dtype}} if dtype is not None else {}
     model = SentenceTransformer(resolve_encoder_path(cfg.model), device=resolve_device("auto"), **kwargs)
@@ -116,7 +116,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[st
 def bench_embed(texts: list[str], cfg, rounds: int) -> tuple[list[Row], np.ndarray]:
     import torch
 
-    from labelnext.ops.embed import CPU_BATCH_TOKENS, Embedder, resolve_device
+    from labelnext.ops.embed.encoder import CPU_BATCH_TOKENS, Embedder, resolve_device
 
     n = len(texts)
     bare = _bare_model(cfg)
@@ -152,9 +152,9 @@ def _bench_ray_embed(texts: list[str], cfg, t_bare: float) -> Optional[Row]:
     try:
         import ray
 
-        from labelnext.ops.embed import Embedder
+        from labelnext.ops.embed.encoder import Embedder
         from labelnext.pipelines.placement import plan_placement
-        from labelnext.ops.quiet import worker_env
+        from labelnext.ops.core.quiet import worker_env
     except ImportError as exc:
         log(f"ray embed stage skipped: {exc}")
         return None
@@ -216,7 +216,7 @@ def objectives(x: np.ndarray, centroids: np.ndarray) -> tuple[float, float]:
 def bench_kmeans(emb: np.ndarray, k: int, cluster_cfg, rounds: int) -> list[Row]:
     from sklearn.cluster import MiniBatchKMeans
 
-    from labelnext.ops.cluster import train_kmeans
+    from labelnext.ops.cluster.kmeans import train_kmeans
 
     n = cluster_cfg.train_sample * k
     x = kmeans_data(emb, n)

@@ -101,8 +101,8 @@ def run(
 ) -> None:
     """Run the selection pipeline and commit its outputs."""
     from labelnext.pipelines.placement import PlacementError
-    from labelnext.ops.read import CorpusError
-    from labelnext.ops.storage import StorageError, validate_run_date, validate_run_id
+    from labelnext.ops.io.read import CorpusError
+    from labelnext.ops.io.storage import StorageError, validate_run_date, validate_run_id
     from labelnext.pipelines.selection import PipelineError, RunRequest, run_pipeline
 
     from labelnext.pipelines.stderr_filter import filter_stderr
@@ -135,7 +135,7 @@ def run(
             raise
         # OSError covers storage failures (pyarrow/boto3 name the bucket and key) and missing local files.
         fail(one_line(cause), code=1)
-    from labelnext.pipelines.report import print_report
+    from labelnext.pipelines.report.terminal import print_report
 
     out.print(f"\n[bold green]committed[/bold green] {result.run_uri}", soft_wrap=True)
     out.print(f"  selected: {result.manifest['counts']['selected']} documents in {result.run_uri}/selected/",
@@ -150,8 +150,8 @@ def report(
                                "local run, a temporary file for s3://) and print its path"),
 ) -> None:
     """Print a committed run's cost headline and per-stage table."""
-    from labelnext.ops.objects import StorageError
-    from labelnext.pipelines.report import load_run_report, local_html_report, print_report
+    from labelnext.ops.io.objects import StorageError
+    from labelnext.pipelines.report.terminal import load_run_report, local_html_report, print_report
 
     try:
         cost = load_run_report(run_uri)
@@ -172,8 +172,8 @@ def export(
                                          "the manifest records (when the run did not keep texts)"),
 ) -> None:
     """Write a committed run's selected documents in an annotation tool's import format."""
-    from labelnext.ops.objects import StorageError
-    from labelnext.ops.read import CorpusError
+    from labelnext.ops.io.objects import StorageError
+    from labelnext.ops.io.read import CorpusError
     from labelnext.pipelines.export import ExportError, export_run
 
     try:

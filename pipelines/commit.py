@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from labelnext.ops import storage
-from labelnext.ops.objects import StorageError
+from labelnext.ops.io import storage
+from labelnext.ops.io.objects import StorageError
 from labelnext.pipelines import ledger
 from labelnext.pipelines.run_lock import RunClaim
-from labelnext.ops.storage import RunLayout
+from labelnext.ops.io.storage import RunLayout
 from labelnext.pipelines.config import RunConfig
-from labelnext.pipelines.html_report import render_html
+from labelnext.pipelines.report.html import render_html
 
 log = logging.getLogger("labelnext")
 
@@ -177,7 +177,7 @@ class RunWriter:
                                              corpus_texts)
 
     def _report_view(self, selected, scores, assigned, centroids, sizes, candidate_texts, corpus_texts):
-        from labelnext.pipelines.report_data import gather_report_view
+        from labelnext.pipelines.report.data import gather_report_view
 
         try:
             return gather_report_view(selected, scores, assigned, centroids, sizes, self.cfg.select.seed,
@@ -187,7 +187,7 @@ class RunWriter:
             return None
 
     def scoring_model_params(self) -> float | None:
-        from labelnext.ops.model_prep import parameter_count
+        from labelnext.ops.core.model_prep import parameter_count
 
         try:
             return float(parameter_count(self.cfg.score))

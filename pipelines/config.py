@@ -12,15 +12,15 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from labelnext.ops.candidates import CandidatesConfig
-from labelnext.ops.cluster import ClusterConfig
-from labelnext.ops.embed import EmbedConfig
-from labelnext.ops.model_prep import BUNDLED_ENCODER, BUNDLED_LLM
-from labelnext.ops.read import InputConfig
-from labelnext.ops.s3 import StorageConfig
-from labelnext.ops.score_settings import ScoreConfig
-from labelnext.ops.select import SelectConfig
-from labelnext.ops.settings import StageSettings
+from labelnext.ops.cluster.candidates import CandidatesConfig
+from labelnext.ops.cluster.kmeans import ClusterConfig
+from labelnext.ops.embed.settings import EmbedConfig
+from labelnext.ops.core.model_prep import BUNDLED_ENCODER, BUNDLED_LLM
+from labelnext.ops.io.read import InputConfig
+from labelnext.ops.io.s3 import StorageConfig
+from labelnext.ops.score.settings import ScoreConfig
+from labelnext.ops.select.selector import SelectConfig
+from labelnext.ops.core.settings import StageSettings
 
 __all__ = [
     "BUNDLED_ENCODER", "BUNDLED_LLM", "CandidatesConfig", "ClusterConfig", "ConfigError", "CostConfig",

@@ -25,8 +25,8 @@ from typing import Any, Iterator, Mapping, Optional
 import numpy as np
 import pyarrow as pa
 
-from labelnext.ops.cluster import rand_keys
-from labelnext.ops.columns import DOC_ID, TEXT
+from labelnext.ops.cluster.kmeans import rand_keys
+from labelnext.ops.core.columns import DOC_ID, TEXT
 from labelnext.pipelines.config import CostConfig
 
 log = logging.getLogger("labelnext")

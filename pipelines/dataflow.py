@@ -17,13 +17,13 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from labelnext.ops import read as rd
-from labelnext.ops.cluster import rand_keys, train_kmeans
-from labelnext.ops.candidates import CandidatePlan, block_candidates, merge_candidates
-from labelnext.ops.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
-from labelnext.ops.contract import StageContract
-from labelnext.ops.instrument import BUSY_S, NODE_ID
-from labelnext.ops.quiet import quiet_third_party, worker_env
+from labelnext.ops.io import read as rd
+from labelnext.ops.cluster.kmeans import rand_keys, train_kmeans
+from labelnext.ops.cluster.candidates import CandidatePlan, block_candidates, merge_candidates
+from labelnext.ops.core.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
+from labelnext.ops.core.contract import StageContract
+from labelnext.ops.core.instrument import BUSY_S, NODE_ID
+from labelnext.ops.core.quiet import quiet_third_party, worker_env
 from labelnext.pipelines.config import RunConfig
 from labelnext.pipelines.telemetry import count_driver_rows
 

@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labelnext.ops import storage
-from labelnext.ops.columns import DOC_ID, TEXT
-from labelnext.ops.read import list_corpus_files
-from labelnext.ops.s3 import StorageConfig
+from labelnext.ops.io import storage
+from labelnext.ops.core.columns import DOC_ID, TEXT
+from labelnext.ops.io.read import list_corpus_files
+from labelnext.ops.io.s3 import StorageConfig
 
 FORMATS = ("label-studio", "argilla", "jsonl")
 _TEXT_HINT = "rerun with --set output.include_text=true, or pass --corpus with the run's corpus"

@@ -98,7 +98,7 @@ def submit_cmd(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Submit `labelnext run` to a Ray cluster as a Ray job; prints the job id."""
-    from labelnext.ops.storage import validate_run_date, validate_run_id
+    from labelnext.ops.io.storage import validate_run_date, validate_run_id
     from labelnext.pipelines import jobs
     from labelnext.pipelines.selection import RunRequest
 

@@ -7,7 +7,7 @@ the committed attempt's entry, and a rerun of the same run id never excludes its
 A run excludes only what runs dated *before* it selected: rerunning (backfilling) night N after night N+1
 reproduces night N's selection.
 
-Exclusions travel as sorted 64-bit id hashes (``labelnext.ops.read.id_hash``, the reader's ``_id_hash`` column):
+Exclusions travel as sorted 64-bit id hashes (``labelnext.ops.io.read.id_hash``, the reader's ``_id_hash`` column):
 8 bytes per excluded id on the driver and in the object store (7M ids ~ 56 MB); the chance that a new
 document is dropped by a hash collision is about (excluded x corpus) / 2^64, ~4e-6 at 7M x 10M.
 """
@@ -27,9 +27,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from labelnext.ops import read as rd
-from labelnext.ops import storage
-from labelnext.ops.storage import OutputRoot, RunLayout
+from labelnext.ops.io import read as rd
+from labelnext.ops.io import storage
+from labelnext.ops.io.storage import OutputRoot, RunLayout
 from labelnext.pipelines.config import StorageConfig
 
 log = logging.getLogger("labelnext")

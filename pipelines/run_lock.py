@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Callable, Optional
 
-from labelnext.ops.objects import ObjectStore, PreconditionFailed, StorageError
+from labelnext.ops.io.objects import ObjectStore, PreconditionFailed, StorageError
 
 log = logging.getLogger("labelnext")
 

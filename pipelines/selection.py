@@ -19,20 +19,20 @@ import pyarrow as pa
 from ray.data import ActorPoolStrategy
 from ray.data.expressions import col
 
-from labelnext.ops import candidates as cand
-from labelnext.ops import cluster as clu
-from labelnext.ops import embed as emb
-from labelnext.ops import input_vectors as iv
-from labelnext.ops import labels as lb
-from labelnext.ops import read as rd
-from labelnext.ops import select as sel
-from labelnext.ops.columns import (DISTANCE, DOC_ID, EMBEDDING, ID_HASH, MARGIN, PREDICTED_LABEL, RAND_KEY,
+from labelnext.ops.cluster import candidates as cand
+from labelnext.ops.cluster import kmeans as clu
+from labelnext.ops.embed import encoder as emb
+from labelnext.ops.io import input_vectors as iv
+from labelnext.ops.io import labels as lb
+from labelnext.ops.io import read as rd
+from labelnext.ops.select import selector as sel
+from labelnext.ops.core.columns import (DISTANCE, DOC_ID, EMBEDDING, ID_HASH, MARGIN, PREDICTED_LABEL, RAND_KEY,
                                    SCORE_COLUMNS, TEXT, TEXT_HASH)
-from labelnext.ops.contract import ContractError
-from labelnext.ops.embed_cache import EmbeddingCache, add_text_hash
-from labelnext.ops.instrument import ACTOR_ID, BUSY_S, NODE_ID, instrumented
-from labelnext.ops.storage import RunLayout, display_uri, filesystem_for
-from labelnext.ops.task_model import TaskModel, cross_validated_accuracy
+from labelnext.ops.core.contract import ContractError
+from labelnext.ops.embed.cache import EmbeddingCache, add_text_hash
+from labelnext.ops.core.instrument import ACTOR_ID, BUSY_S, NODE_ID, instrumented
+from labelnext.ops.io.storage import RunLayout, display_uri, filesystem_for
+from labelnext.ops.select.task_model import TaskModel, cross_validated_accuracy
 from labelnext.pipelines import dataflow as flow
 from labelnext.pipelines import ledger, paths
 from labelnext.pipelines.commit import RunWriter
@@ -289,7 +289,7 @@ class SelectionPipeline:
         if not sel.uses_llm(self.cfg.select) or candidates.num_rows == 0 or self._llm_skipped():
             self.counts["candidates_scored"] = 0
             return candidates
-        from labelnext.ops import score as sc
+        from labelnext.ops.score import scorer as sc
 
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
             ds = flow.rows_dataset(texts, candidates.column(DOC_ID), [DOC_ID, TEXT], sc.docs_per_batch(self.cfg.score))
@@ -382,7 +382,7 @@ class SelectionPipeline:
         n = self.counts["accepted_docs"]
         if n == 0:
             return 0.0, 0
-        from labelnext.ops.score import count_tokens
+        from labelnext.ops.score.scorer import count_tokens
 
         texts = sample_texts(embedded, n, self.cfg.cost.token_sample, self.cfg.select.seed)
         # count_tokens and n_tokens count predicted positions: a window of max_tokens predicts max_tokens - 1.
@@ -560,7 +560,7 @@ class SelectionPipeline:
         return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
 
     def _embed_pool(self, todo, placement: Placement, cache: Optional[EmbeddingCache]):
-        from labelnext.ops.tokenize import tokenize_dataset
+        from labelnext.ops.embed.tokenize import tokenize_dataset
 
         p = placement.embed
         batch_size = emb.ray_batch_docs(self.cfg.embed, p.use_gpu)
@@ -650,7 +650,7 @@ def exactly_once(expected_ids: pa.ChunkedArray, scored: pa.Table) -> tuple[pa.Ta
 
 
 def run_pipeline(cfg: RunConfig, request: RunRequest) -> RunResult:
-    from labelnext.ops.quiet import quiet_third_party
+    from labelnext.ops.core.quiet import quiet_third_party
 
     quiet_third_party()
     flow.init_ray(cfg)

@@ -62,8 +62,8 @@ def s3_bucket(s3_env) -> str:
 @pytest.fixture(params=["local", "s3"])
 def store_root(request, tmp_path):
     """A small-object store and a root inside it: the local filesystem, then the S3 endpoint."""
-    from labelnext.ops.objects import LocalObjects, S3Objects
-    from labelnext.ops.s3 import S3Settings, StorageConfig
+    from labelnext.ops.io.objects import LocalObjects, S3Objects
+    from labelnext.ops.io.s3 import S3Settings, StorageConfig
 
     if request.param == "local":
         return LocalObjects(), str(tmp_path)

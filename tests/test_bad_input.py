@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from labelnext.ops import read as rd
+from labelnext.ops.io import read as rd
 from labelnext.pipelines.config import InputConfig
 from tests.cli_run import QUICK, error_line, labelnext, manifest, run_dir, selected_ids
 from tests.conftest import write_corpus

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from bench import llm_features
-from labelnext.ops.score import ScoreConfig, ScoreTokenizer
-from labelnext.ops.model_prep import prepare_model
+from labelnext.ops.score.scorer import ScoreConfig, ScoreTokenizer
+from labelnext.ops.core.model_prep import prepare_model
 
 TEXTS = ["what is my credit card's interest rate", "",
          "Stocks fell on Monday as oil prices climbed to a record, and investors sold technology shares.",

@@ -54,7 +54,7 @@ def test_labelnext_rounds_pick_unlabelled_candidates_by_margin(monkeypatch):
     """Rounds with labels go through the product's candidates stage (nearest by margin) and the Selector with
     the predicted labels and the label counts so far; labelled documents are never picked again."""
     from bench import quality
-    from labelnext.ops.select import Selector
+    from labelnext.ops.select.selector import Selector
 
     lp, n = _loop(per_round=4)  # 5 x 4 candidates out of the 40 unlabelled documents
     seen = {}

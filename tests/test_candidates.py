@@ -1,8 +1,8 @@
 import numpy as np
 import pyarrow as pa
 
-from labelnext.ops import candidates as cand
-from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
+from labelnext.ops.cluster import candidates as cand
+from labelnext.ops.cluster.kmeans import CLUSTER_ID, DISTANCE, RAND_KEY
 from labelnext.pipelines.config import CandidatesConfig
 
 

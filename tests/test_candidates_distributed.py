@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from labelnext.ops import candidates as cand
-from labelnext.ops.cluster import rand_keys
-from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY, SCORE_COLUMNS, TEXT
-from labelnext.ops.instrument import BUSY_S, NODE_ID
-from labelnext.ops.select import Selector
+from labelnext.ops.cluster import candidates as cand
+from labelnext.ops.cluster.kmeans import rand_keys
+from labelnext.ops.core.columns import CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY, SCORE_COLUMNS, TEXT
+from labelnext.ops.core.instrument import BUSY_S, NODE_ID
+from labelnext.ops.select.selector import Selector
 from labelnext.pipelines import dataflow as flow
 from labelnext.pipelines.config import CandidatesConfig, RunConfig
 from labelnext.pipelines.selection import Clusters, RunRequest, SelectionPipeline

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from labelnext.ops import storage
-from labelnext.ops.objects import LocalObjects, PreconditionFailed
+from labelnext.ops.io import storage
+from labelnext.ops.io.objects import LocalObjects, PreconditionFailed
 from labelnext.pipelines.commit import MANIFEST, RunWriter
 from labelnext.pipelines.config import ConfigError, RunConfig, load_config
 from labelnext.pipelines.run_lock import ClaimLost, Holder, RunClaim, RunLocked

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from labelnext.ops import storage
-from labelnext.ops.columns import DOC_ID, EMBEDDING, TEXT, TEXT_HASH
-from labelnext.ops.embed import EmbedConfig
-from labelnext.ops.embed_cache import EmbeddingCache
-from labelnext.ops.instrument import ACTOR_ID, BUSY_S, NODE_ID
+from labelnext.ops.io import storage
+from labelnext.ops.core.columns import DOC_ID, EMBEDDING, TEXT, TEXT_HASH
+from labelnext.ops.embed.encoder import EmbedConfig
+from labelnext.ops.embed.cache import EmbeddingCache
+from labelnext.ops.core.instrument import ACTOR_ID, BUSY_S, NODE_ID
 from labelnext.pipelines.config import StorageConfig
 
 

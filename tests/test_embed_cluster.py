@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401
 import pytest
 
-from labelnext.ops.cluster import Assigner, choose_k, train_kmeans
-from labelnext.ops.embed import (CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Embedder, batch_tokens_for, ray_batch_docs,
+from labelnext.ops.cluster.kmeans import Assigner, choose_k, train_kmeans
+from labelnext.ops.embed.encoder import (CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, Embedder, batch_tokens_for, ray_batch_docs,
                                   resolve_embed_dtype, token_budget_batches)
 from labelnext.pipelines.config import ClusterConfig, EmbedConfig
 from labelnext.pipelines.sample_corpus import make_documents
@@ -160,7 +160,7 @@ def test_kmeans_plus_plus_seeding_gives_small_modes_their_own_centroid():
 def test_auto_seeding_is_random_below_kmeanspp_min_k_and_kmeans_plus_plus_from_it():
     """cluster.init auto (the default) trains exactly what random seeding trains below kmeanspp_min_k clusters and
     what k-means++ trains from there."""
-    from labelnext.ops.cluster import seeding
+    from labelnext.ops.cluster.kmeans import seeding
 
     cfg = ClusterConfig(kmeanspp_min_k=6)
     assert cfg.init == "auto"

@@ -10,7 +10,7 @@ import torch
 from scipy.special import log_softmax as sp_log_softmax
 from scipy.stats import entropy as sp_entropy
 
-from labelnext.ops.entropy import DocStats, hidden_entropy_nll, reduce_doc, segment_stats, token_entropy_nll
+from labelnext.ops.score.entropy import DocStats, hidden_entropy_nll, reduce_doc, segment_stats, token_entropy_nll
 
 
 def _scipy_reference(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

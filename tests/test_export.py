@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from labelnext.ops.columns import SELECTED_COLUMNS
+from labelnext.ops.core.columns import SELECTED_COLUMNS
 from labelnext.pipelines.export import ExportError, render, with_texts
 from tests.cli_run import QUICK, error_line, labelnext, manifest, run_dir, selected_ids
 from tests.s3_fixtures import s3_bucket, s3_endpoint, s3_env  # noqa: F401 (fixtures)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from labelnext.ops.task_model import TaskModel
+from labelnext.ops.select.task_model import TaskModel
 from labelnext.pipelines.sample_corpus import make_documents
 from tests.cli_run import QUICK, error_line, labelnext
 from tests.s3_fixtures import FAKE_ENV, s3_endpoint  # noqa: F401 (fixture)

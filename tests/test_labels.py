@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from labelnext.ops import labels as lb
-from labelnext.ops.read import id_hash
-from labelnext.ops.s3 import StorageConfig
+from labelnext.ops.io import labels as lb
+from labelnext.ops.io.read import id_hash
+from labelnext.ops.io.s3 import StorageConfig
 
 
 def _write(path, mtime=None, **columns):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from labelnext.ops.select import SELECTED_COLUMNS
+from labelnext.ops.select.selector import SELECTED_COLUMNS
 from tests.cli_run import LLM_RULE
 
 pytestmark = pytest.mark.slow

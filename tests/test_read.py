@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from labelnext.ops import read as rd
+from labelnext.ops.io import read as rd
 from labelnext.pipelines.config import InputConfig
 from tests.conftest import write_corpus
 
@@ -199,7 +199,7 @@ def test_the_expected_dimension_comes_from_the_schema_the_first_vector_or_the_en
 
 
 def test_the_bundled_encoder_dimension_is_read_without_loading_it():
-    from labelnext.ops.input_vectors import encoder_dimension
+    from labelnext.ops.io.input_vectors import encoder_dimension
     from labelnext.pipelines.config import BUNDLED_ENCODER
 
     assert encoder_dimension(BUNDLED_ENCODER) == 384

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from labelnext.ops import storage
-from labelnext.ops.s3 import StorageConfig
-from labelnext.pipelines import report_data as rd
+from labelnext.ops.io import storage
+from labelnext.ops.io.s3 import StorageConfig
+from labelnext.pipelines.report import data as rd
 from labelnext.pipelines.cost import STAGES
-from labelnext.pipelines.html_report import render_html
-from labelnext.pipelines.report import print_report
-from labelnext.pipelines.report_format import usd
+from labelnext.pipelines.report.html import render_html
+from labelnext.pipelines.report.terminal import print_report
+from labelnext.pipelines.report.format import usd
 from tests.cli_run import labelnext
 from tests.headless import dump_dom, screenshot
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelnext.ops import model_prep
-from labelnext.ops.score import SCORE_COLUMNS, Scorer, count_tokens, docs_per_batch, score_dataset
-from labelnext.ops.score_hf import HFBackend, _packed_layout, _static_rows
-from labelnext.ops.score_inputs import encode, pack_by_tokens, pack_rows, split_by_tokens, truncate
-from labelnext.ops.score_settings import batch_tokens_for
+from labelnext.ops.core import model_prep
+from labelnext.ops.score.scorer import SCORE_COLUMNS, Scorer, count_tokens, docs_per_batch, score_dataset
+from labelnext.ops.score.backend_hf import HFBackend, _packed_layout, _static_rows
+from labelnext.ops.score.inputs import encode, pack_by_tokens, pack_rows, split_by_tokens, truncate
+from labelnext.ops.score.settings import batch_tokens_for
 from labelnext.pipelines.config import BUNDLED_ENCODER, BUNDLED_LLM, ScoreConfig
 
 FLUENT = ("The city council approved the new budget on Tuesday, setting aside more money for schools, "
@@ -114,7 +114,8 @@ def test_packed_layout_restarts_positions_and_maps_every_token():
 def test_device_dtype_and_backend_resolution(monkeypatch):
     import torch
 
-    from labelnext.ops import score, score_vllm
+    from labelnext.ops.score import backend_vllm as score_vllm
+    from labelnext.ops.score import scorer as score
 
     assert score.resolve_dtype("auto", "cpu") == torch.float32
     assert score.resolve_dtype("auto", "cuda") == torch.bfloat16
@@ -146,8 +147,8 @@ def test_scores_real_sentences():
 
 
 def test_token_counts_without_transformers_match_the_transformers_tokenizer():
-    from labelnext.ops.score import fast_token_counter, load_tokenizer
-    from labelnext.ops.score_inputs import bos_prefix, text_token_ids
+    from labelnext.ops.score.scorer import fast_token_counter, load_tokenizer
+    from labelnext.ops.score.inputs import bos_prefix, text_token_ids
 
     cfg = ScoreConfig(model=BUNDLED_LLM, backend="transformers")
     model_dir = model_prep.prepare_model(cfg.model)
@@ -157,7 +158,7 @@ def test_token_counts_without_transformers_match_the_transformers_tokenizer():
     assert fast_token_counter(model_dir) is not None
     assert count_tokens(docs, cfg) == expected
     # The driver's path: a fresh interpreter counts tokens without importing transformers.
-    code = ("import sys; from labelnext.ops.score import count_tokens; from labelnext.pipelines.config import "
+    code = ("import sys; from labelnext.ops.score.scorer import count_tokens; from labelnext.pipelines.config import "
             f"ScoreConfig; print(count_tokens({docs!r}, ScoreConfig(model={BUNDLED_LLM!r})), "
             "'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -386,8 +387,8 @@ def test_score_dataset_on_local_ray(ray_local):
 def test_ids_tokenised_in_a_task_score_like_text():
     import pyarrow as pa
 
-    from labelnext.ops.columns import SCORE_IDS, SCORE_TRUNCATED
-    from labelnext.ops.score import score_tokenize_batch
+    from labelnext.ops.core.columns import SCORE_IDS, SCORE_TRUNCATED
+    from labelnext.ops.score.scorer import score_tokenize_batch
 
     cfg = ScoreConfig(backend="transformers", max_tokens=16, truncation="head_tail")
     texts = DOCS + ["", None]

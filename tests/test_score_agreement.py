@@ -1,7 +1,7 @@
 """Both scoring backends (vLLM, transformers) against each other and against an independent reference.
 
 The reference is the textbook computation: the HF model's full ``model(ids).logits`` per document and
-``torch.distributions.Categorical(logits=...).entropy()``, with no code shared with ``labelnext.ops.entropy`` or the
+``torch.distributions.Categorical(logits=...).entropy()``, with no code shared with ``labelnext.ops.score.entropy`` or the
 Scorer's output head. vLLM spawns engine processes, so it runs in a subprocess script (``__main__`` guard).
 
 Tolerance: 1e-3 nats on per-document mean/max entropy and mean NLL. Both backends compute in float32 on
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from labelnext.ops.score import SCORE_COLUMNS, Scorer
-from labelnext.ops.score_inputs import encode
+from labelnext.ops.score.scorer import SCORE_COLUMNS, Scorer
+from labelnext.ops.score.inputs import encode
 from labelnext.pipelines.config import ScoreConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,10 +49,10 @@ _VLLM_SCRIPT = textwrap.dedent("""
     import json, sys
 
     if __name__ == "__main__":
-        from labelnext.ops.quiet import quiet_third_party
+        from labelnext.ops.core.quiet import quiet_third_party
         quiet_third_party()
         import numpy as np
-        from labelnext.ops.score import SCORE_COLUMNS, Scorer
+        from labelnext.ops.score.scorer import SCORE_COLUMNS, Scorer
         from labelnext.pipelines.config import ScoreConfig
 
         job = json.load(open(sys.argv[1]))
@@ -63,7 +63,7 @@ _VLLM_SCRIPT = textwrap.dedent("""
         result["backend"] = scorer.backend
         # The GPU path: ids from score_tokenize_batch (a CPU task) instead of text.
         import pyarrow as pa
-        from labelnext.ops.score import score_tokenize_batch
+        from labelnext.ops.score.scorer import score_tokenize_batch
         table = score_tokenize_batch(pa.table({"doc_id": list(range(len(texts))), "text": texts}),
                                      ScoreConfig(**job["cfg"]))
         from_ids = scorer({n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names})

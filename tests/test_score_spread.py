@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from labelnext.ops import score as sc
-from labelnext.ops.columns import DOC_ID, SCORE_COLUMNS, TEXT
+from labelnext.ops.score import scorer as sc
+from labelnext.ops.core.columns import DOC_ID, SCORE_COLUMNS, TEXT
 from labelnext.pipelines.config import RunConfig
 from labelnext.pipelines.placement import Placement, StagePlacement
 from labelnext.pipelines.selection import RunRequest, SelectionPipeline

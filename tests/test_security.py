@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from labelnext.ops import storage
+from labelnext.ops.io import storage
 from labelnext.pipelines.config import StorageConfig
 from tests.cli_run import QUICK, labelnext
 from tests.s3_fixtures import s3_bucket, s3_endpoint, s3_env  # noqa: F401 (fixtures)

@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from labelnext.ops.select import SELECTED_COLUMNS, Selector, contract, cover_quotas, percentile_within
+from labelnext.ops.cluster.kmeans import CLUSTER_ID, DISTANCE, RAND_KEY
+from labelnext.ops.select.selector import SELECTED_COLUMNS, Selector, contract, cover_quotas, percentile_within
 from labelnext.pipelines.config import SelectConfig
 
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY
-from labelnext.ops.near_duplicates import (ExhaustiveNearDuplicates, NearDuplicates, bounding_vectors,
+from labelnext.ops.cluster.kmeans import CLUSTER_ID, DISTANCE, RAND_KEY
+from labelnext.ops.select.near_duplicates import (ExhaustiveNearDuplicates, NearDuplicates, bounding_vectors,
                                            embedding_matrix)
-from labelnext.ops.select import Selector
+from labelnext.ops.select.selector import Selector
 from labelnext.pipelines.config import SelectConfig
 
 RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only",

@@ -15,10 +15,10 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labelnext.ops import candidates as cand
-from labelnext.ops import read as rd
-from labelnext.ops.cluster import CLUSTER_ID, DISTANCE, RAND_KEY, rand_keys
-from labelnext.ops.select import SELECTED_COLUMNS, Selector
+from labelnext.ops.cluster import candidates as cand
+from labelnext.ops.io import read as rd
+from labelnext.ops.cluster.kmeans import CLUSTER_ID, DISTANCE, RAND_KEY, rand_keys
+from labelnext.ops.select.selector import SELECTED_COLUMNS, Selector
 from labelnext.pipelines.config import CandidatesConfig, InputConfig, SelectConfig
 
 RULES = ["typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only",

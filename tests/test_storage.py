@@ -17,17 +17,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from labelnext.ops import storage
+from labelnext.ops.io import storage
 from labelnext.pipelines import ledger
-from labelnext.ops.embed_cache import EmbeddingCache, model_key
-from labelnext.ops.objects import LocalObjects, PreconditionFailed
-from labelnext.ops.read import id_hash
+from labelnext.ops.embed.cache import EmbeddingCache, model_key
+from labelnext.ops.io.objects import LocalObjects, PreconditionFailed
+from labelnext.ops.io.read import id_hash
 from labelnext.pipelines.run_lock import RunClaim, RunLocked
-from labelnext.ops.s3 import S3Settings
+from labelnext.ops.io.s3 import S3Settings
 from labelnext.pipelines.commit import MANIFEST, RunWriter
 from labelnext.pipelines.config import EmbedConfig, RunConfig, StorageConfig
-from labelnext.pipelines.html_report import render_html
-from labelnext.pipelines.report import load_run_report
+from labelnext.pipelines.report.html import render_html
+from labelnext.pipelines.report.terminal import load_run_report
 from tests.s3_fixtures import s3_bucket, s3_endpoint, s3_env, store_root  # noqa: F401 (fixtures)
 
 SSE_CASES = [

@@ -7,12 +7,12 @@ import pyarrow as pa
 import pytest
 from pyarrow import fs as pafs
 
-from labelnext.ops import candidates as cand
-from labelnext.ops.cluster import Assigner, rand_keys
-from labelnext.ops.columns import CLUSTER_ID, DISTANCE, DOC_ID, MARGIN, PREDICTED_LABEL, RAND_KEY
-from labelnext.ops.select import SELECTED_COLUMNS, SelectConfig, Selector, contract
-from labelnext.ops.task_model import (TaskModel, TaskModelConfig, class_balance_tilt, cross_validated_accuracy,
-                                      select_by_margin)
+from labelnext.ops.cluster import candidates as cand
+from labelnext.ops.cluster.kmeans import Assigner, rand_keys
+from labelnext.ops.core.columns import CLUSTER_ID, DISTANCE, DOC_ID, MARGIN, PREDICTED_LABEL, RAND_KEY
+from labelnext.ops.select.selector import SELECTED_COLUMNS, SelectConfig, Selector, contract
+from labelnext.ops.select.margin import select_by_margin
+from labelnext.ops.select.task_model import TaskModel, TaskModelConfig, class_balance_tilt, cross_validated_accuracy
 
 
 def _blobs(n_per_class=60, classes=("finance", "sports", "science"), dim=16, spread=0.15, seed=0):

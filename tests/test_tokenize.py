@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from labelnext.ops import tokenize as tok
-from labelnext.ops.columns import TOKEN_IDS
-from labelnext.ops.embed import EmbedConfig, Embedder
+from labelnext.ops.embed import tokenize as tok
+from labelnext.ops.core.columns import TOKEN_IDS
+from labelnext.ops.embed.encoder import EmbedConfig, Embedder
 
 TEXTS = ["Rates rose.", "  Leading and trailing spaces  ", "UPPER case Words",
          "Ünïcödé naïve café – emoji 🎉",
