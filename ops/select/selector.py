@@ -48,16 +48,23 @@ class SelectConfig(StageSettings):
     rule: Literal[
         "typical_uncertain", "baseline", "uncertainty_weighted", "round_robin", "entropy_only", "cluster_only",
         "stratified",
-    ] = Field(default="cluster_only", description="chosen leave-one-dataset-out by bench/quality.py (bench/README.md)")
-    score: Literal["mean_entropy", "nll", "max_entropy"] = "mean_entropy"
+    ] = Field(default="cluster_only", description="how documents are ranked within the cluster quotas: cluster_only "
+              "(nearest the centroid) and stratified (random) need no LLM; the other rules rank by the LLM's scores "
+              "and turn the score stage on. The default was chosen leave-one-dataset-out by bench/quality.py "
+              "(bench/README.md)")
+    score: Literal["mean_entropy", "nll", "max_entropy"] = Field(
+        default="mean_entropy", description="the LLM score that rules ranking by the LLM use: mean token entropy, "
+        "negative log-likelihood or the largest token entropy")
     quota: Literal["size", "cover"] = Field(default="cover", description="split of the budget over clusters: "
                                             "proportional to size, or one per cluster first then by size")
     typicality_weight: float = Field(default=1.0, ge=0, description="typical_uncertain: weight of the distance-"
                                      "to-centroid percentile against the uncertainty percentile")
-    entropy_cap_quantile: Optional[float] = Field(default=None, gt=0, le=1)
+    entropy_cap_quantile: Optional[float] = Field(default=None, gt=0, le=1, description="scores above this "
+                                                  "quantile rank last (garbled text, tables, foreign scripts); "
+                                                  "unset: no cap")
     dedup_threshold: float = Field(default=0.95, gt=0, le=1, description="cosine similarity above which docs are near-duplicates")
-    seed: int = 0
-    # With labels (input.labels), the task model's margin ranks documents within cluster quotas (Cluster-Margin).
+    seed: int = Field(default=0, description="seed of the per-document random keys: the "
+                      "candidates' diverse share, tie-breaks, the token sample and the report's samples")
     llm_with_labels: bool = Field(default=False, description="with labels, still score candidates with the LLM; "
                                   "its entropy then breaks near-ties of the margin")
     labels_quota: Literal["uncertainty", "size", "cover"] = Field(
@@ -70,7 +77,9 @@ class SelectConfig(StageSettings):
         "alone; bench/quality.py --rounds chose it)")
     class_balance: float = Field(default=0.0, ge=0, le=1, description="with labels, tilt cluster quotas towards "
                                  "rare predicted labels (0 off, 1 full inverse class frequency)")
-    task_model: TaskModelConfig = Field(default_factory=TaskModelConfig)
+    task_model: TaskModelConfig = Field(default_factory=TaskModelConfig, description="the classifier trained on "
+                                        "the labels; with labels its margin ranks documents within cluster quotas "
+                                        "(Cluster-Margin)")
 
 
 

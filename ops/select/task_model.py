@@ -29,7 +29,7 @@ class TaskModelConfig(StageSettings):
                             "(a seeded sample by doc_id above this)")
     cv_folds: int = Field(default=5, ge=2, description="folds of the cross-validated accuracy on the labels")
     cv_max_labels: int = Field(default=20_000, gt=0, description="labels the cross-validation uses at most")
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the label sample and the cross-validation folds")
 
 
 @dataclass(frozen=True)
