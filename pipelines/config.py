@@ -42,10 +42,13 @@ _Section = StageSettings
 class StageResources(_Section):
     """Where one actor pool runs. Only the job layer (``labelnext.pipelines.placement``) reads these."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: the cluster's GPUs when it has some, else CPU; cuda: stop with an error "
+        "when the cluster shows no GPU; cpu: never ask for GPUs")
     num_gpus: float = Field(default=1.0, ge=0, description="GPUs per actor when the cluster has GPUs")
-    num_cpus: float = Field(default=1.0, gt=0)
-    concurrency: Optional[int] = Field(default=None, gt=0, description="actor pool size; derived when unset")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per actor")
+    concurrency: Optional[int] = Field(default=None, gt=0, description="actor pool size; derived from the "
+                                       "cluster's resources when unset")
 
 
 class EmbedResources(StageResources):
@@ -53,31 +56,41 @@ class EmbedResources(StageResources):
 
 
 class ScoreResources(StageResources):
-    tensor_parallel_size: int = Field(default=1, gt=0)
+    tensor_parallel_size: int = Field(default=1, gt=0, description="GPUs one scoring engine spans (vLLM); an "
+                                      "actor takes num_gpus x tensor_parallel_size")
 
 
 class ClusterResources(_Section):
-    use_gpu: Literal["auto", "never"] = "auto"
+    use_gpu: Literal["auto", "never"] = Field(default="auto", description="auto: faiss trains k-means on a GPU "
+                                              "index when the training task's node has one; never: on CPU")
 
 
 class ResourcesConfig(_Section):
     """``resources``: device, GPUs, CPUs and pool sizes of every stage, in one place."""
 
-    embed: EmbedResources = Field(default_factory=EmbedResources)
-    cluster: ClusterResources = Field(default_factory=ClusterResources)
-    score: ScoreResources = Field(default_factory=ScoreResources)
+    embed: EmbedResources = Field(default_factory=EmbedResources, description="the encoder actors")
+    cluster: ClusterResources = Field(default_factory=ClusterResources, description="the k-means training task")
+    score: ScoreResources = Field(default_factory=ScoreResources, description="the scoring LLM's actors")
 
 
 class OutputConfig(_Section):
-    write_assignments: bool = True
-    include_text: bool = False
-    ledger: bool = True
+    """``output``: what a run writes besides the selection."""
+
+    write_assignments: bool = Field(default=True, description="write assignments/: doc_id, cluster_id and "
+                                    "distance of every accepted document")
+    include_text: bool = Field(default=False, description="keep the text in selected/ (else readers join the "
+                               "corpus on doc_id)")
+    ledger: bool = Field(default=True, description="record the selected ids in OUTPUT/ledger/; runs with a later "
+                         "run date exclude them before embedding")
 
 
 class CostConfig(_Section):
-    gpu_hour_usd: float = Field(default=3.0, ge=0)
-    cpu_hour_usd: float = Field(default=0.05, ge=0)
-    label_usd: float = Field(default=0.10, ge=0)
+    """``cost``: the prices and assumptions of cost_report.json."""
+
+    gpu_hour_usd: float = Field(default=3.0, ge=0, description="price of one GPU for an hour")
+    cpu_hour_usd: float = Field(default=0.05, ge=0, description="price of one CPU for an hour")
+    label_usd: float = Field(default=0.10, ge=0, description="price of one annotation (the annotation "
+                             "counterfactual: budget x label_usd)")
     reference_params: float = Field(default=70e9, gt=0, description="parameter count of the big-model counterfactual")
     reference_gpu_tflops: float = Field(default=989.0, gt=0, description="dense bf16 peak TFLOP/s of the GPU priced "
                                         "at gpu_hour_usd (H100 SXM: 989), for the big-model counterfactual")
@@ -87,26 +100,37 @@ class CostConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: Optional[str] = None
-    num_cpus: Optional[int] = Field(default=None, gt=0)
-    log_to_driver: bool = False
-    # Local Ray only (no address): start the dashboard. None = Ray's default (on when its packages are installed);
-    # false saves a second or two and a process per run where nobody watches it.
-    include_dashboard: Optional[bool] = None
+    """``ray``: which Ray to join or start."""
+
+    address: Optional[str] = Field(default=None, description="Ray cluster to join; unset: RAY_ADDRESS, else a "
+                                   "local Ray is started")
+    num_cpus: Optional[int] = Field(default=None, gt=0, description="local Ray only: CPUs it may use; unset: all")
+    log_to_driver: bool = Field(default=False, description="forward Ray workers' stdout and stderr to the "
+                                "driver's console")
+    include_dashboard: Optional[bool] = Field(
+        default=None, description="local Ray only: start the dashboard; unset: Ray's default (on when its packages "
+        "are installed); false saves a second or two and a process per run where nobody watches it")
 
 
 class RunConfig(_Section):
-    input: InputConfig = Field(default_factory=InputConfig)
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    select: SelectConfig = Field(default_factory=SelectConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-    cost: CostConfig = Field(default_factory=CostConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    input: InputConfig = Field(default_factory=InputConfig,
+        description="the corpus: id and text columns, exclusions, labels, precomputed vectors")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="the sentence encoder and its batching")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig,
+        description="k-means: number of clusters, training sample and seeding")
+    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig,
+        description="how many documents per selected one the LLM scores")
+    score: ScoreConfig = Field(default_factory=ScoreConfig,
+        description="the scoring LLM, its backend, batching and task prompt")
+    select: SelectConfig = Field(default_factory=SelectConfig,
+        description="the selection rule, quotas and the task model")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig,
+        description="device, GPUs, CPUs and pool sizes of every stage")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="what a run writes besides the selection")
+    cost: CostConfig = Field(default_factory=CostConfig, description="prices and assumptions of the cost report")
+    storage: StorageConfig = Field(default_factory=StorageConfig,
+        description="object store endpoint, encryption, retries and run claims")
+    ray: RayConfig = Field(default_factory=RayConfig, description="which Ray to join or start")
 
     @field_validator("input")
     @classmethod

@@ -25,7 +25,8 @@ class CandidatesConfig(StageSettings):
     """``candidates``: how many documents the LLM scores per selected one, and the diverse share."""
 
     factor: float = Field(default=5.0, ge=1.0, description="candidates scored = factor x budget")
-    diverse_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+    diverse_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="share of each cluster's "
+                                    "candidates drawn at random (seeded) rather than best-ranked")
 
 
 CONTRACT = StageContract("candidates", needs=(DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY), adds=(CANDIDATE_REASON,))

@@ -29,10 +29,10 @@ class ClusterConfig(StageSettings):
     k: Optional[int] = Field(default=None, gt=0, description="number of clusters; derived from the budget when unset")
     labels_per_cluster: float = Field(default=1.0, gt=0, description="when k is unset, k = budget / labels_per_"
                                       "cluster (bench/quality.py chose it)")
-    # k-means costs train_sample x k x dim x niter: 64 points per centroid (faiss warns below 39) keeps a
-    # 4,000-cluster training on a few CPU cores to minutes; the GPU configs afford 256.
-    train_sample: int = Field(default=64, gt=0, description="training points per centroid (capped by corpus size)")
-    niter: int = Field(default=20, gt=0)
+    train_sample: int = Field(default=64, gt=0, description="training points per centroid (capped by corpus "
+                              "size). k-means costs train_sample x k x dim x niter: 64 (faiss warns below 39) keeps "
+                              "a 4,000-cluster training on a few CPU cores to minutes; the GPU configs afford 256")
+    niter: int = Field(default=20, gt=0, description="k-means iterations")
     init: Literal["auto", "random", "kmeans++"] = Field(
         default="auto", description="k-means seeding: random training points (faiss), k-means++ (spreads the "
         "seeds, so small modes get their own centroid), or auto: random below kmeanspp_min_k clusters, k-means++ "
@@ -40,8 +40,10 @@ class ClusterConfig(StageSettings):
     kmeanspp_min_k: int = Field(default=50, gt=0, description="init auto: the smallest k seeded by k-means++")
     init_sample: int = Field(default=16, gt=0, description="kmeans++: seeding points per centroid, the first of the "
                              "(seeded, shuffled) training sample; seeding costs about init_sample x k^2 x dim x ln k")
-    seed: int = 0
-    warm_start: bool = False
+    seed: int = Field(default=0, description="seed of the training sample, faiss k-means and k-means++ "
+                      "seeding")
+    warm_start: bool = Field(default=False, description="start k-means from the latest committed earlier run's "
+                             "centroids when k and dimension match (cluster ids stay comparable night to night)")
 
 
 def choose_k(n_docs: int, budget: int, cfg: ClusterConfig) -> int:

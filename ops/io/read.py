@@ -27,20 +27,24 @@ from labelnext.ops.core.settings import StageSettings
 class InputConfig(StageSettings):
     """``input``: which corpus columns hold the id and the text, and what else to carry through."""
 
-    id_column: str = "id"
-    text_column: str = "text"
-    passthrough_columns: list[str] = Field(default_factory=list)
-    exclude_ids: Optional[str] = None
-    exclude_id_column: str = "doc_id"
-    # Labels returned by annotators (Parquet file or prefix, local or s3://): train the task model, never reselected.
-    labels: Optional[str] = None
-    label_id_column: str = "doc_id"
-    label_column: str = "label"
-    # Characters kept per document before tokenisation; bounds memory for pathological documents.
-    max_chars: int = Field(default=20_000, gt=0)
-    # A list-of-floats column holding each document's vector (from an earlier pipeline): the embed stage is
-    # skipped; rows with a null, non-finite, all-zero or wrongly sized vector are rejected with a reason.
-    embedding_column: Optional[str] = None
+    id_column: str = Field(default="id", description="corpus column holding each document's id (string or integer)")
+    text_column: str = Field(default="text", description="corpus column holding each document's text")
+    passthrough_columns: list[str] = Field(default_factory=list, description="corpus columns copied as they are "
+                                           "into selected/")
+    exclude_ids: Optional[str] = Field(default=None, description="ids never to select (Parquet file or prefix, "
+                                       "local or s3://), excluded before embedding")
+    exclude_id_column: str = Field(default="doc_id", description="id column of the exclude_ids files")
+    labels: Optional[str] = Field(default=None, description="labels returned by annotators (Parquet file or "
+                                  "prefix, local or s3://): they train the task model and are never reselected")
+    label_id_column: str = Field(default="doc_id", description="id column of the label files (string or integer)")
+    label_column: str = Field(default="label", description="label column of the label files (string, integer or "
+                              "boolean, compared as strings)")
+    max_chars: int = Field(default=20_000, gt=0, description="characters kept per document before tokenisation; "
+                           "bounds memory for pathological documents")
+    embedding_column: Optional[str] = Field(
+        default=None, description="a list-of-floats column holding each document's vector (from an earlier "
+        "pipeline): the embed stage is skipped; rows with a null, non-finite, all-zero or wrongly sized vector are "
+        "rejected with a reason")
 
 REJECT_NULL = "null_text"
 REJECT_EMPTY = "empty_text"

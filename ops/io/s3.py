@@ -43,11 +43,15 @@ def longest_retry_sequence_s(retries: int) -> float:
 class StorageConfig(StageSettings):
     """``storage``: the object store's endpoint, encryption, retries, run-claim timeout and filesystem sharing."""
 
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
-    sse: Literal["none", "AES256", "aws:kms"] = "none"
-    kms_key_id: Optional[str] = None
-    retries: int = Field(default=5, ge=0)
+    endpoint_url: Optional[str] = Field(default=None, description="S3 endpoint; unset: AWS_ENDPOINT_URL_S3 or "
+                                        "AWS_ENDPOINT_URL, else AWS's own")
+    region: Optional[str] = Field(default=None, description="S3 region; unset: AWS_REGION, AWS_DEFAULT_REGION or the "
+                                  "region of AWS_PROFILE")
+    sse: Literal["none", "AES256", "aws:kms"] = Field(default="none", description="server-side encryption of every "
+                                                      "object labelnext writes")
+    kms_key_id: Optional[str] = Field(default=None, description="KMS key ARN; required when sse is aws:kms")
+    retries: int = Field(default=5, ge=0, description="retries of a transient S3 error (500/503, throttling), with "
+                         "backoff, by pyarrow and boto3")
     lock_timeout_s: float = Field(default=300.0, gt=0, description="a run's claim is abandoned this long after its last renewal")
     shared_filesystem: bool = Field(
         default=False, description="local paths (corpus, output, caches) are one shared filesystem (NFS, FSx) "
