@@ -183,6 +183,28 @@ def export(
     out.print(f"wrote {rows} documents ({format_}) to {uri}", soft_wrap=True, highlight=False)
 
 
+@app.command("config")
+def config_cmd(
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    explain: Optional[str] = typer.Option(None, "--explain", help="print one key's description, type and default "
+                                          "(for a section such as select.task_model: each of its keys)"),
+) -> None:
+    """Print the effective config (--config, then every --set) as YAML, or explain one key."""
+    import yaml
+
+    from labelnext.pipelines.config_reference import explain as explain_key
+
+    try:
+        if explain is not None:
+            text = explain_key(explain.strip()) + "\n"
+        else:
+            text = yaml.safe_dump(load_config(config, set_ or []).model_dump(mode="json"), sort_keys=False)
+    except ConfigError as exc:
+        fail(one_line(exc))
+    sys.stdout.write(text)
+
+
 @app.command("sample-corpus")
 def sample_corpus(
     out_path: Path = typer.Option(Path("runs/sample_corpus.parquet"), "--out", help="Parquet file to write"),

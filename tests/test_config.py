@@ -66,3 +66,54 @@ def test_local_ray_starts_with_the_configured_dashboard_setting(monkeypatch):
     assert calls[0]["include_dashboard"] is False and calls[0]["num_cpus"] == 2
     assert "include_dashboard" not in calls[1]  # Ray's own default
     assert calls[2]["address"] == "127.0.0.1:6379" and "include_dashboard" not in calls[2]  # a cluster has its own
+
+
+# ``labelnext config``: the effective config as YAML, one key explained, errors in one line naming the key.
+
+
+def test_config_command_prints_the_merged_config(tmp_path):
+    import yaml
+
+    from tests.cli_run import labelnext
+
+    res = labelnext("config", "--config", "nightly", "--set", "cluster.k=64")
+    assert res.returncode == 0, res.stderr
+    printed = yaml.safe_load(res.stdout)
+    assert printed == load_config("nightly", ["cluster.k=64"]).model_dump(mode="json")
+    assert printed["cluster"]["k"] == 64 and printed["cluster"]["warm_start"] is True  # the override, then nightly
+    saved = tmp_path / "effective.yaml"
+    saved.write_text(res.stdout)
+    assert load_config(saved) == load_config("nightly", ["cluster.k=64"])  # the output is a config of its own
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (("--set", "cluster.kk=3"), "cluster.kk"),
+        (("--set", "cluster.k=-1"), "cluster.k"),
+        (("--config", "nightly", "--set", "select.rule=best"), "select.rule"),
+        (("--config", "nope"), "nope"),
+        (("--explain", "cluster.nope"), "cluster.nope"),
+    ],
+)
+def test_config_command_names_a_bad_key_or_value_in_one_line(args, named):
+    from tests.cli_run import labelnext
+
+    res = labelnext("config", *args)
+    assert res.returncode != 0
+    assert res.stdout == ""
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], res.stderr
+
+
+def test_config_explain_prints_description_type_and_default():
+    from labelnext.pipelines.config import RunConfig
+    from tests.cli_run import labelnext
+
+    res = labelnext("config", "--explain", "cluster.k")
+    assert res.returncode == 0, res.stderr
+    info = RunConfig.model_fields["cluster"].annotation.model_fields["k"]
+    assert res.stdout.splitlines() == [f"cluster.k: {info.description}", "  type: int > 0 or null",
+                                       "  default: null"]
+    section = labelnext("config", "--explain", "select.task_model").stdout
+    assert "select.task_model.cv_folds (int >= 2, default 5): " in section
