@@ -262,6 +262,18 @@ def attach_columns(left: pa.Table, right: pa.Table) -> pa.Table:
     return out
 
 
+def with_columns(selected: pa.Table, scored: pa.Table, texts, columns: list[str]) -> pa.Table:
+    """``selected`` with ``columns`` (its text, passthrough columns): from the scored candidates when they carry
+    them, else read back from the corpus (``texts``) for the selected documents alone."""
+    have = [c for c in columns if c in scored.column_names]
+    if have:
+        selected = attach_columns(selected, scored.select([DOC_ID, *have]))
+    missing = [c for c in columns if c not in have]
+    if not missing or selected.num_rows == 0:
+        return selected
+    return attach_columns(selected, rows_for_ids(texts, selected.column(DOC_ID), [DOC_ID, *missing]))
+
+
 # -- candidates: the per-cluster top-k and the join back, both distributed --------------------------------
 CANDIDATE_KEYS = (DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY)
 CANDIDATES_PER_PARTITION = 5_000

@@ -52,7 +52,8 @@ class StagePlacement:
 class Placement:
     embed: StagePlacement
     score: StagePlacement
-    # Set by the pipeline from faiss_use_gpu(); k-means training placement is decided there.
+    # k-means training: on GPU when the local faiss build sees one, or when resources.cluster.use_gpu is auto
+    # and the cluster has a GPU resource.
     cluster_use_gpu: bool = False
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -231,7 +232,8 @@ def plan_placement(
                            "resource: running on CPU (set device: cpu to silence this)")
     for message in warnings:
         log.warning(message)
-    return Placement(embed=embed, score=score, notes=notes, warnings=warnings)
+    cluster_use_gpu = faiss_use_gpu(cfg.cluster) or (cfg.cluster.use_gpu == "auto" and cluster_gpus > 0)
+    return Placement(embed=embed, score=score, cluster_use_gpu=cluster_use_gpu, notes=notes, warnings=warnings)
 
 
 def faiss_use_gpu(cluster_cfg: ClusterResources) -> bool:

@@ -1,0 +1,179 @@
+"""The nightly label loop (``input.labels``) of a run: the labels so far, the labelled documents' vectors, the
+task model trained on them, and its record for the manifest.
+
+:class:`LabelLoop` holds the loop's state for one run; :class:`~labelnext.pipelines.selection.SelectionPipeline`
+calls it between its stages. Without labels every method is a no-op and the run is a cold start.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from labelnext.ops.core.columns import DOC_ID, EMBEDDING, ID_HASH, PREDICTED_LABEL, TEXT, TEXT_HASH
+from labelnext.ops.embed.cache import EmbeddingCache, add_text_hash
+from labelnext.ops.io import labels as lb
+from labelnext.ops.io import read as rd
+from labelnext.ops.io.storage import RunLayout
+from labelnext.ops.select import selector as sel
+from labelnext.ops.select.task_model import TaskModel, cross_validated_accuracy
+from labelnext.pipelines import dataflow as flow
+from labelnext.pipelines.commit import RunWriter
+from labelnext.pipelines.config import RunConfig
+from labelnext.pipelines.cost import CostLedger
+from labelnext.pipelines.embed_stage import embed_pool
+from labelnext.pipelines.placement import Placement
+
+log = logging.getLogger("labelnext")
+
+TASK_MODEL_FILE = "task_model.parquet"
+
+
+class LabelLoop:
+    def __init__(self, cfg: RunConfig, layout: RunLayout, ledger: CostLedger, counts: dict[str, int]):
+        self.cfg = cfg
+        self.layout = layout
+        self.ledger = ledger
+        self.counts = counts  # the run's counts, shared with the pipeline
+        self.labels: Optional[lb.LabelSet] = None  # None on a cold start
+        self.labelled_rows = None  # labelled documents of tonight's corpus (held back from the selection)
+        self.info: Optional[dict[str, Any]] = None  # the task model's record for the manifest
+
+    def read_labels(self) -> Optional[lb.LabelSet]:
+        """The labels so far, one row per labelled document (driver-side, like the ledger's ids)."""
+        cfg = self.cfg.input
+        if not cfg.labels:
+            return None
+        labels = lb.read_labels(cfg.labels, cfg.label_id_column, cfg.label_column, self.cfg.storage)
+        for note in labels.notes:
+            log.warning("labels: %s", note)
+        log.info("labels: %d labelled documents from %d files (%d rows; skipped: %d null, %d superseded "
+                 "duplicates)", len(labels), labels.files, labels.rows, labels.null_labels, labels.duplicate_labels)
+        self.labels = labels
+        return labels
+
+    def hashes(self) -> Optional[np.ndarray]:
+        """The labelled documents' id hashes (they are never selected again), or None without labels."""
+        return self.labels.hashes() if self.labels is not None and len(self.labels) else None
+
+    def label_counts(self) -> Optional[dict[str, int]]:
+        return self.labels.counts() if self.labels is not None else None
+
+    def hold_labelled(self, accepted) -> None:
+        """Keep tonight's labelled documents aside before they are excluded: the task model needs their vectors."""
+        import ray
+
+        if self.labels is None or not len(self.labels):
+            return
+        columns = [DOC_ID, TEXT, ID_HASH, *([EMBEDDING] if self.cfg.input.embedding_column else [])]
+        self.labelled_rows = accepted.select_columns(columns).map_batches(  # lazy: read once, by _label_vectors
+            lb.keep_ids, fn_kwargs={"hashes": ray.put(self.labels.hashes())}, batch_format="pyarrow")
+
+    def task_model(self, placement: Placement) -> Optional[TaskModel]:
+        """The labelled documents' vectors, the task model trained on them, and its record for the manifest.
+
+        None, and a cold start, without labels or when the labels that have a vector cover fewer than two classes.
+        """
+        labels = self.labels
+        if labels is None:
+            return None
+        cfg = self.cfg.select.task_model
+        vectors, sources = self._label_vectors(placement) if len(labels) else ({}, {})
+        model, accuracy, folds = None, None, 0
+        with self.ledger.stage("select", cpus=1) as st:
+            train = lb.training_set(labels, vectors, cfg.max_labels, cfg.seed)
+            classes = np.unique(train.y)
+            if classes.size >= 2:
+                model = TaskModel.fit(train.x, train.y, c=cfg.c)
+                accuracy, folds = cross_validated_accuracy(train.x, train.y, cfg)
+        st.extra["task_model_s"] = round(st.wall_s, 3)
+        self.counts.update(label_rows=labels.rows, null_labels=labels.null_labels,
+                           duplicate_labels=labels.duplicate_labels, labelled_docs=len(labels),
+                           labels_without_embedding=train.without_embedding, labels_used=len(train.y))
+        self.info = {**labels.summary(), "labels_used": len(train.y),
+                     "labels_without_embedding": train.without_embedding, "vectors_from": sources,
+                     "classes": classes.tolist(), "cv_accuracy": accuracy, "cv_folds": folds}
+        if model is None:
+            self.info["status"] = (f"not trained: the labels with a vector cover {classes.size} class(es), "
+                                   "a task model needs 2; this run is a cold start")
+            log.warning("task model: %s", self.info["status"])
+            return None
+        self.info["status"] = "trained"
+        self.info["llm_scoring"] = self.llm_decision()
+        if self.llm_skipped():
+            self.ledger.stages["score"].extra["skipped"] = self.info["llm_scoring"]
+        log.info("task model: %d classes from %d labels (%d without a vector), cross-validated accuracy %s",
+                 classes.size, len(train.y), train.without_embedding,
+                 "n/a" if accuracy is None else f"{accuracy:.3f}")
+        return model
+
+    def record(self, writer: RunWriter, task: Optional[TaskModel], selected: pa.Table) -> None:
+        """Save the task model next to the run's outputs; note the selection's predicted labels."""
+        if self.info is None:
+            return
+        self.info["selected_predicted_counts"] = lb.label_counts(selected.column(PREDICTED_LABEL))
+        if task is not None:
+            writer.write_table(TASK_MODEL_FILE, task.to_table())
+            self.info["file"] = TASK_MODEL_FILE
+
+    def llm_decision(self) -> str:
+        if not sel.uses_llm(self.cfg.select):
+            return f"off: select.rule {self.cfg.select.rule} scores nothing"
+        if self.cfg.select.llm_with_labels:
+            return "on: select.llm_with_labels is true (the LLM's entropy breaks near-ties of the margin)"
+        return ("skipped: labels exist and select.llm_with_labels is false; the task model's margin ranks the "
+                "candidates, and neither the LLM's entropy nor a probe on its hidden states added to it on the "
+                "label-loop benchmark (bench/quality.py --rounds)")
+
+    def llm_skipped(self) -> bool:
+        info = self.info
+        return info is not None and info.get("status") == "trained" and not self.cfg.select.llm_with_labels
+
+    def _label_vectors(self, placement: Placement) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Vectors of the labelled documents (label-sized on the driver) and how many came from where.
+
+        Tonight's labelled documents take their cached vector when the cache holds the same text, else they
+        are embedded now (and cached); documents of earlier nights take theirs from the embedding cache. With
+        ``input.embedding_column`` tonight's documents bring their own vectors.
+        """
+        import ray
+
+        if self.cfg.input.embedding_column and self.labelled_rows is not None:
+            given = lb.collect_columns(self.labelled_rows.select_columns([DOC_ID, EMBEDDING]).map_batches(
+                flow.as_embedded, batch_format="numpy").iter_batches(batch_format="numpy"), (DOC_ID, EMBEDDING))
+            return dict(zip(given[DOC_ID], given[EMBEDDING])), {"tonight_given": len(given[DOC_ID])}
+        cache = EmbeddingCache(self.layout.output, self.cfg.embed) if self.cfg.embed.cache else None
+        files = cache.files() if cache is not None else []
+        cached: dict[str, Any] = {DOC_ID: [], "text_hash": [], EMBEDDING: np.zeros((0, 0), np.float32)}
+        if files:
+            rows = ray.data.read_parquet(files, filesystem=cache.fs, columns=[DOC_ID, "text_hash", EMBEDDING],
+                                         partitioning=None).map_batches(
+                lb.keep_ids, fn_kwargs={"hashes": ray.put(self.labels.hashes())}, batch_format="pyarrow")
+            cached = lb.collect_columns(rows.iter_batches(batch_format="numpy"), (DOC_ID, "text_hash", EMBEDDING))
+        tonight = keys = None
+        if self.labelled_rows is not None:
+            tonight = self.labelled_rows.map_batches(add_text_hash, batch_format="pyarrow").materialize()
+            keys = lb.collect_columns(tonight.select_columns([DOC_ID, TEXT_HASH]).iter_batches(batch_format="numpy"),
+                                      (DOC_ID, TEXT_HASH))
+        keys = keys or {DOC_ID: [], TEXT_HASH: []}
+        vectors, todo = lb.match_vectors((keys[DOC_ID], keys[TEXT_HASH]),
+                                         (cached[DOC_ID], cached["text_hash"], cached[EMBEDDING]))
+        log.info("labels: %d labelled documents in tonight's corpus, %d vectors from the embedding cache, %d to "
+                 "embed", len(keys[DOC_ID]), len(vectors), len(todo))
+        if todo:
+            p = placement.embed
+            with self.ledger.stage("embed", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
+                rows = tonight.map_batches(lb.keep_ids, fn_kwargs={"hashes": np.unique(rd.id_hash(todo))},
+                                           batch_format="pyarrow")
+                rows = rows.select_columns([DOC_ID, TEXT, TEXT_HASH] if cache is not None else [DOC_ID, TEXT])
+                fresh = lb.collect_columns(embed_pool(rows, self.cfg.embed, p, cache).select_columns(
+                    [DOC_ID, EMBEDDING]).iter_batches(batch_format="numpy"), (DOC_ID, EMBEDDING))
+                vectors.update(zip(fresh[DOC_ID], fresh[EMBEDDING]))
+                st.docs += len(fresh[DOC_ID])
+                st.extra["labelled_embedded"] = len(fresh[DOC_ID])
+        tonight_ids = set(keys[DOC_ID])
+        return vectors, {"tonight_cached": len(tonight_ids) - len(todo), "tonight_embedded": len(todo),
+                         "earlier_cache": sum(1 for d in vectors if d not in tonight_ids)}
