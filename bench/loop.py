@@ -33,8 +33,9 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from bench import anchors
+from bench import anchors, coldstart
 from bench.common import log, markdown_table
+from bench.strategies import Strategy
 
 LOOP_STRATEGIES = ("random", "coldstart", "margin", "labelnext", "labelnext+entropy", "labelnext+probe",
                    "labelnext+probe-only", "typiclust", "probcover", "whole_pool")
@@ -152,9 +153,7 @@ class Loop:
         return top_two_margin(p), model.classes[np.argmax(p, axis=1)]
 
     def _cold_start(self, rest: np.ndarray, budget: int, seed: int) -> np.ndarray:
-        from bench.quality import Runner, Strategy
-
-        return Runner(self.pool.subset(rest), budget, seed).pick(Strategy("labelnext", "pipeline")).rows
+        return coldstart.Runner(self.pool.subset(rest), budget, seed).pick(Strategy("labelnext", "pipeline")).rows
 
     def _cluster_margin(self, rest: np.ndarray, margin: np.ndarray, predicted: np.ndarray,
                         label_counts: dict[str, int], budget: int, seed: int, with_entropy: bool) -> np.ndarray:
@@ -163,12 +162,11 @@ class Loop:
         from labelnext.ops.core.columns import CLUSTER_ID, MARGIN, PREDICTED_LABEL
         from labelnext.ops.select.selector import Selector, percentile_within
 
-        from bench.quality import assign, candidates, select_rows, with_features
-
         sub = self.pool.subset(rest)
-        assigned, sizes = assign(sub, budget, self.cfg, seed)
+        assigned, sizes = coldstart.assign(sub, budget, self.cfg, seed)
         assigned = assigned.append_column(MARGIN, pa.array(margin, pa.float64()))
-        table = with_features(candidates(assigned, sizes, budget, self.cfg, near_key=MARGIN), sub, scored=False)
+        table = coldstart.with_features(coldstart.candidates(assigned, sizes, budget, self.cfg, near_key=MARGIN), sub,
+                                        scored=False)
         rows = table.column("_row").to_numpy()
         margin = margin[rows]
         table = table.drop_columns([MARGIN])
@@ -181,7 +179,7 @@ class Loop:
         table = table.append_column(MARGIN, pa.array(margin, pa.float64()))
         table = table.append_column(PREDICTED_LABEL, pa.array(predicted[rows].astype(str).tolist(), pa.string()))
         selector = Selector(self.cfg.select, label_counts=label_counts)
-        return select_rows(selector.select(table, sizes, budget), table)
+        return coldstart.select_rows(selector.select(table, sizes, budget), table)
 
 
 def chosen(requested: Optional[list[str]]) -> list[str]:

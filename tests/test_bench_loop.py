@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import loop
-from bench.quality import LR_C, Pool
+from bench.coldstart import LR_C, Pool
 from labelnext.pipelines.config import load_config
 
 
@@ -53,12 +53,12 @@ def test_verdict_says_when_a_target_is_above_what_the_whole_pool_gives():
 def test_labelnext_rounds_pick_unlabelled_candidates_by_margin(monkeypatch):
     """Rounds with labels go through the product's candidates stage (nearest by margin) and the Selector with
     the predicted labels and the label counts so far; labelled documents are never picked again."""
-    from bench import quality
+    from bench import coldstart
     from labelnext.ops.select.selector import Selector
 
     lp, n = _loop(per_round=4)  # 5 x 4 candidates out of the 40 unlabelled documents
     seen = {}
-    real_candidates, real_select = quality.candidates, Selector.select
+    real_candidates, real_select = coldstart.candidates, Selector.select
 
     def candidates(assigned, sizes, budget, cfg, near_key="distance"):
         seen["near_key"] = near_key
@@ -70,7 +70,7 @@ def test_labelnext_rounds_pick_unlabelled_candidates_by_margin(monkeypatch):
         seen["columns"], seen["label_counts"] = set(table.column_names), dict(self.label_counts)
         return real_select(self, table, sizes, budget)
 
-    monkeypatch.setattr(quality, "candidates", candidates)
+    monkeypatch.setattr(coldstart, "candidates", candidates)
     monkeypatch.setattr(Selector, "select", select)
     labelled = np.arange(20)
     model = loop.fit(lp.pool.emb[labelled], lp.pool_y[labelled], LR_C)
