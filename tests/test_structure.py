@@ -170,3 +170,99 @@ def test_wheel_install_runs_from_an_empty_folder(tmp_path, sample_corpus):
     manifest = json.loads(manifests[0].read_text())
     assert manifest["status"] == "committed" and manifest["counts"]["selected"] == 20
     assert list(empty.iterdir()) == []  # nothing written beside the caller
+
+
+# -- import circles and room sizes ---------------------------------------------------------------------------
+CHECKED_FOLDERS = ("ops", "pipelines", "bench")
+MAX_MODULE_LINES = 500
+MAX_PIPELINE_CLASS_LINES = 300
+
+
+def _module_name(path: Path) -> str:
+    """``ops/select/margin.py`` -> ``labelnext.ops.select.margin``; ``bench/loop.py`` -> ``bench.loop``."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["labelnext", *parts] if parts[0] in ("ops", "pipelines") else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of ops/, pipelines/ and bench/ -> the modules of those folders it imports (absolute
+    ``labelnext.*`` and ``bench.*`` imports anywhere in the file, function-level ones included)."""
+    modules = {_module_name(p): p for folder in CHECKED_FOLDERS for p in sorted((REPO / folder).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # ``from pkg import mod`` imports a module when ``pkg.mod`` is one.
+                targets.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every circle a depth-first walk meets, each as the modules around it (first one repeated at the end)."""
+    state: dict[str, int] = {}  # 1: on the walk's path, 2: done
+    path: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return circles
+
+
+def test_import_circles_are_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_circles(graph) == [["a", "b", "c", "a"]]
+    assert import_circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_sees_function_level_and_from_imports():
+    graph = import_graph()
+    assert "labelnext.ops.embed.tokenize" in graph["labelnext.pipelines.embed_stage"]  # inside a function
+    assert "labelnext.pipelines.read_stage" in graph["labelnext.pipelines.selection"]  # from pkg import mod
+
+
+def test_no_import_circles_in_ops_pipelines_or_bench():
+    circles = import_circles(import_graph())
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def _own_python_files(skip: tuple[str, ...]) -> list[Path]:
+    """The checkout's Python files, without the environment, build outputs, hidden folders and ``skip``."""
+    files = []
+    for top in sorted(REPO.iterdir()):
+        if top.name in skip or top.name.startswith(".") or top.name in ("build", "dist", "site"):
+            continue
+        files += [top] if top.suffix == ".py" else sorted(top.rglob("*.py")) if top.is_dir() else []
+    return files
+
+
+def test_no_module_outside_bench_is_over_500_lines():
+    long = [f"{p.relative_to(REPO)}: {n} lines" for p in _own_python_files(skip=("bench",))
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert any(p.name == "selection.py" for p in _own_python_files(skip=("bench",)))
+    assert not long, f"modules over {MAX_MODULE_LINES} lines:\n" + "\n".join(long)
+
+
+def test_selection_pipeline_class_stays_small():
+    """The pipeline reads as the data flow; the label loop and each stage's helpers live in modules of their own."""
+    tree = ast.parse((REPO / "pipelines" / "selection.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SelectionPipeline"]
+    lines = cls.end_lineno - cls.lineno + 1
+    assert lines < MAX_PIPELINE_CLASS_LINES, f"SelectionPipeline is {lines} lines"
