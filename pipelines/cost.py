@@ -108,10 +108,12 @@ class CostLedger:
         self._start = time.perf_counter()
 
     @contextmanager
-    def stage(self, name: str, *, cpus: float = 1.0, gpus: float = 0.0) -> Iterator[StageCost]:
+    def stage(self, name: str, *, cpus: float = 1.0, gpus: float = 0.0, what: Optional[str] = None
+              ) -> Iterator[StageCost]:
+        """Time (and price) work under stage ``name``; ``what`` names it in the log when it is not the stage itself."""
         stage = self.stages[name]
         stage.cpus, stage.gpus = cpus, gpus
-        log.info("%s: started", name)
+        log.info("%s: started", what or name)
         start = time.perf_counter()
         try:
             yield stage

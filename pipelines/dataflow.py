@@ -25,6 +25,7 @@ from labelnext.ops.core.contract import StageContract
 from labelnext.ops.core.instrument import BUSY_S, NODE_ID
 from labelnext.ops.core.quiet import quiet_third_party, worker_env
 from labelnext.pipelines.config import RunConfig
+from labelnext.pipelines.ray_quiet import quiet_ray_driver
 from labelnext.pipelines.telemetry import count_driver_rows
 
 
@@ -120,6 +121,13 @@ def block_counts(table: pa.Table, k: int) -> pa.Table:
 
 def unique_nodes(table: pa.Table) -> pa.Table:
     return pa.table({NODE_ID: pa.array(sorted(set(table.column(NODE_ID).to_pylist())), pa.string())})
+
+
+def node_ids(ds) -> list[str]:
+    """The nodes that produced ``ds``'s rows (its ``NODE_ID`` column)."""
+    nodes = collect(ds.select_columns([NODE_ID]).map_batches(unique_nodes, batch_format="pyarrow"))
+    # An empty dataset (every row rejected) collects to no columns.
+    return nodes.column(NODE_ID).to_pylist() if NODE_ID in nodes.column_names else []
 
 
 def collect(ds) -> pa.Table:
@@ -366,6 +374,8 @@ def init_ray(cfg: RunConfig) -> None:
             kwargs["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.include_dashboard is not None:
             kwargs["include_dashboard"] = cfg.ray.include_dashboard
+    interactive = sys.stderr.isatty()
+    quiet_ray_driver(progress_bars=interactive)
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.print_on_execution_start = False
@@ -375,7 +385,6 @@ def init_ray(cfg: RunConfig) -> None:
     ctx.wait_for_min_actors_s = 900
     # Progress bars on a terminal; elsewhere (jobs, CI, files) the per-stage log lines carry progress and
     # Ray Data's periodic progress dumps would flood the log.
-    interactive = sys.stderr.isatty()
     ctx.enable_progress_bars = interactive
     if not interactive:
         logging.getLogger("ray.data").setLevel(logging.WARNING)

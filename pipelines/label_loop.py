@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from labelnext.ops.core.columns import DOC_ID, EMBEDDING, ID_HASH, PREDICTED_LABEL, TEXT, TEXT_HASH
+from labelnext.ops.core.columns import DOC_ID, EMBEDDING, ID_HASH, MARGIN, PREDICTED_LABEL, TEXT, TEXT_HASH
 from labelnext.ops.embed.cache import EmbeddingCache, add_text_hash
 from labelnext.ops.io import labels as lb
 from labelnext.ops.io import read as rd
@@ -83,7 +83,7 @@ class LabelLoop:
         cfg = self.cfg.select.task_model
         vectors, sources = self._label_vectors(placement) if len(labels) else ({}, {})
         model, accuracy, folds = None, None, 0
-        with self.ledger.stage("select", cpus=1) as st:
+        with self.ledger.stage("select", cpus=1, what="task model") as st:
             train = lb.training_set(labels, vectors, cfg.max_labels, cfg.seed)
             classes = np.unique(train.y)
             if classes.size >= 2:
@@ -107,7 +107,7 @@ class LabelLoop:
             self.ledger.stages["score"].extra["skipped"] = self.info["llm_scoring"]
         log.info("task model: %d classes from %d labels (%d without a vector), cross-validated accuracy %s",
                  classes.size, len(train.y), train.without_embedding,
-                 "n/a" if accuracy is None else f"{accuracy:.3f}")
+                 f"{accuracy:.3f} ({folds} folds)" if accuracy is not None else no_accuracy_reason(train.y))
         return model
 
     def record(self, writer: RunWriter, task: Optional[TaskModel], selected: pa.Table) -> None:
@@ -165,7 +165,8 @@ class LabelLoop:
                  "embed", len(keys[DOC_ID]), len(vectors), len(todo))
         if todo:
             p = placement.embed
-            with self.ledger.stage("embed", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
+            with self.ledger.stage("embed", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency,
+                                   what="labels: embedding") as st:
                 rows = tonight.map_batches(lb.keep_ids, fn_kwargs={"hashes": np.unique(rd.id_hash(todo))},
                                            batch_format="pyarrow")
                 rows = rows.select_columns([DOC_ID, TEXT, TEXT_HASH] if cache is not None else [DOC_ID, TEXT])
@@ -177,3 +178,25 @@ class LabelLoop:
         tonight_ids = set(keys[DOC_ID])
         return vectors, {"tonight_cached": len(tonight_ids) - len(todo), "tonight_embedded": len(todo),
                          "earlier_cache": sum(1 for d in vectors if d not in tonight_ids)}
+
+
+def no_accuracy_reason(y: np.ndarray) -> str:
+    """Why the task model has no cross-validated accuracy: stratified folds need two labels of every class."""
+    classes, per_class = np.unique(np.asarray(y).astype(str), return_counts=True)
+    single = classes[per_class < 2]
+    if not single.size:  # the cross-validation's seeded sample (select.task_model.cv_max_labels) left one
+        return "n/a (the cross-validation's label sample holds a single label of a class)"
+    named = ", ".join(repr(str(c)) for c in single[:3]) + (f" and {single.size - 3} more" if single.size > 3 else "")
+    return (f"n/a: class{'es' if single.size > 1 else ''} {named} {'have' if single.size > 1 else 'has'} a single "
+            "label, and each fold needs two of every class")
+
+
+def selection_rule(cfg: sel.SelectConfig, columns: list[str]) -> str:
+    """The rule that chooses the selection: with a task model its margin ranks, whatever ``select.rule`` says."""
+    if MARGIN not in columns:
+        return f"rule {cfg.rule}"
+    entropy = " and the LLM's entropy on near-ties" if cfg.llm_with_labels and "uncertainty" in columns else ""
+    if cfg.rule in ("entropy_only", "round_robin"):
+        return f"rule {cfg.rule} over the task model's margin{entropy}"
+    return (f"Cluster-Margin: the task model's margin{entropy} within cluster quotas "
+            f"(select.labels_quota {cfg.labels_quota}); select.rule {cfg.rule} applies to cold starts")

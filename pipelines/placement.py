@@ -8,7 +8,8 @@ GPU policy (per stage):
 Keys live under ``resources.<stage>`` in the run config; messages name them with that prefix.
 
 * ``device: auto`` uses GPUs when the stage asks for some (``num_gpus > 0``) and the cluster shows a ``GPU``
-  resource; when it asks but the cluster has none, the stage runs on CPU and ONE warning line is logged.
+  resource, else CPU. The default ``num_gpus`` is a size for when GPUs are there, not an ask: only a
+  ``num_gpus`` the config sets explicitly, on a cluster without GPUs, logs ONE warning line (for all stages).
 * ``device: cuda`` is a requirement: with no ``GPU`` resource in the cluster, :class:`PlacementError` is
   raised before any work is scheduled (a nightly run on a GPU pool that failed to come up should fail loudly,
   not spend the night embedding 10M documents on CPU, and not hang waiting for GPUs that never arrive).
@@ -146,6 +147,7 @@ def _place_stage(
     nodes: list[_Node],
     cluster_gpus: float,
     cpu_reserve: float,
+    explicit_gpus: bool,
     notes: list[str],
     warnings: list[str],
     fallbacks: list[str],
@@ -157,7 +159,8 @@ def _place_stage(
             raise PlacementError(
                 f"{name}.device is 'cuda' but the Ray cluster has no GPU resource; start GPU workers, or run on "
                 f"CPU with --set {name}.device=auto (or cpu)")
-        fallbacks.append(f"{name} (num_gpus={_fmt(num_gpus)})")
+        if explicit_gpus:
+            fallbacks.append(f"{name} (num_gpus={_fmt(num_gpus)})")
 
     if not use_gpu:
         if tensor_parallel_size > 1:
@@ -223,9 +226,11 @@ def plan_placement(
                   warnings=warnings, fallbacks=fallbacks)
     e, sc = cfg.embed, cfg.score
     embed = _place_stage("resources.embed", device=e.device, num_gpus=e.num_gpus, num_cpus=e.num_cpus,
-                         concurrency=e.concurrency, tensor_parallel_size=1, **common)
+                         concurrency=e.concurrency, tensor_parallel_size=1,
+                         explicit_gpus="num_gpus" in e.model_fields_set, **common)
     score = _place_stage("resources.score", device=sc.device, num_gpus=sc.num_gpus, num_cpus=sc.num_cpus,
-                         concurrency=sc.concurrency, tensor_parallel_size=sc.tensor_parallel_size, **common)
+                         concurrency=sc.concurrency, tensor_parallel_size=sc.tensor_parallel_size,
+                         explicit_gpus="num_gpus" in sc.model_fields_set, **common)
     if fallbacks:
         # One line for both stages: the reader needs to learn once that the run is on CPU.
         warnings.insert(0, f"config asks for GPUs for {' and '.join(fallbacks)} but the Ray cluster has no GPU "

@@ -39,7 +39,7 @@ from labelnext.pipelines.config import RunConfig
 from labelnext.pipelines.cost import CostLedger, build_report, sample_texts
 from labelnext.pipelines import cluster_stage as cs
 from labelnext.pipelines.embed_stage import embed_pool, given_vectors
-from labelnext.pipelines.label_loop import LabelLoop
+from labelnext.pipelines.label_loop import LabelLoop, selection_rule
 from labelnext.pipelines.placement import Placement, plan_placement
 from labelnext.pipelines.telemetry import DriverTelemetry
 
@@ -73,6 +73,9 @@ class RunRequest:
             run_id=self.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6],
             run_date=self.run_date or dt.date.today().isoformat(),
         )
+
+    def ref(self) -> ledger.RunRef:
+        return ledger.RunRef(self.run_date, self.run_id)
 
 
 @dataclass
@@ -155,7 +158,7 @@ class SelectionPipeline:
                 raise rd.CorpusError(f"corpus {display_uri(self.req.corpus, path)} is empty (0 rows in {len(files)} files)")
             encoder_dim = iv.encoder_dimension(self.cfg.embed.model) if cfg.embedding_column else None
             dim = rd.vector_dimension(fs, infos, cfg, encoder_dim, prefix)
-            excluded = rs.exclusions(self.cfg, self.layout.output, self._run_ref(), self.loop.hashes())
+            excluded = rs.exclusions(self.cfg, self.layout.output, self.req.ref(), self.loop.hashes())
             tasks = rd.read_tasks(infos)  # runs of row groups: a big file is read by several tasks
             marked, keys, scan = rs.validated(fs, tasks, self.cfg, prefix, dim, excluded, total)
             # Nothing corpus-sized stays materialised: the accepted rows are re-read by each consumer (embed,
@@ -187,7 +190,7 @@ class SelectionPipeline:
             with self.ledger.stage("embed", cpus=_total_cpus()) as st:
                 embedded = given_vectors(accepted)
                 st.extra.update(reused=0, given=embedded.count(), actors=0)
-                self._record_nodes(embedded)
+                self.nodes.update(flow.node_ids(embedded))
             self.counts["accepted_docs"] = embedded.count()
             self._check(emb.CONTRACT, embedded, output=True)
             log.info("embed: skipped, %d vectors from input.embedding_column %r", embedded.count(),
@@ -213,7 +216,7 @@ class SelectionPipeline:
             embedded = embedded.materialize()
             st.docs = embedded.count() - n_reused  # documents actually embedded in this run
             st.extra.update(reused=n_reused, actors=p.concurrency)
-            self._record_nodes(embedded)
+            self.nodes.update(flow.node_ids(embedded))
         self.counts["accepted_docs"] = st.docs + n_reused
         self._check(emb.CONTRACT, embedded, output=True)
         log.info("embed: %d docs in %.1fs, %d reused from the cache", st.docs, st.wall_s, n_reused)
@@ -229,7 +232,7 @@ class SelectionPipeline:
         with self.ledger.stage("cluster", cpus=_total_cpus(), gpus=1.0 if use_gpu else 0.0) as st:
             sample_n = clu.train_sample_size(n, k, self.cfg.cluster)
             sample = flow.training_sample(embedded, n, sample_n, k, self.cfg.cluster.seed)
-            init, warm_from = (cs.warm_start(self.layout.output, self._run_ref(), k, sample.shape[1])
+            init, warm_from = (cs.warm_start(self.layout.output, self.req.ref(), k, sample.shape[1])
                                if self.cfg.cluster.warm_start else (None, None))
             train = ray.remote(flow.train_remote).options(num_gpus=1 if use_gpu else 0, num_cpus=1)
             centroids, objective = ray.get(train.remote(sample, k, self.cfg.cluster, use_gpu, init))
@@ -324,7 +327,7 @@ class SelectionPipeline:
             st.docs = selected.num_rows
         self._check(contract, selected, output=True)
         self.counts["selected"] = selected.num_rows
-        log.info("select: %d documents (rule %s)", selected.num_rows, self.cfg.select.rule)
+        log.info("select: %d documents (%s)", selected.num_rows, selection_rule(self.cfg.select, scored.column_names))
         return selected
 
     def write(self, writer: RunWriter, selected: pa.Table, scored: pa.Table, clusters: Clusters, rejected,
@@ -350,26 +353,17 @@ class SelectionPipeline:
         tokens, sample_docs = estimate_corpus_tokens(texts, self.counts["accepted_docs"], self.cfg)
         resources = ray.cluster_resources()
         self.ledger.held.see(resources, sum(1 for n in ray.nodes() if n.get("Alive")))
-        report = build_report(
-            self.ledger,
-            budget=self.req.budget,
-            accepted_docs=self.counts["accepted_docs"],
-            corpus_tokens_estimate=tokens,
-            token_sample_docs=sample_docs,
-            scoring_model_params=writer.scoring_model_params(),
-            hardware={"cluster_resources": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")},
-                      "nodes": sorted(self.nodes)},
-        )
+        hardware = {"cluster_resources": {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")},
+                    "nodes": sorted(self.nodes)}
+        report = build_report(self.ledger, budget=self.req.budget, accepted_docs=self.counts["accepted_docs"],
+                              corpus_tokens_estimate=tokens, token_sample_docs=sample_docs,
+                              scoring_model_params=writer.scoring_model_params(), hardware=hardware)
         report.update(self.telemetry.report())  # driver.rows_collected, driver.peak_rss_bytes, object_store
         report["cluster"] = {"nodes": sorted(self.nodes)}
         if self.loop.info is not None:
             report["task_model"] = self.loop.info
         manifest = writer.commit(report, self.counts, task_model=self.loop.info)
         return RunResult(run_uri=self.layout.uri(), manifest=manifest, cost_report=report)
-
-    # -- helpers ----------------------------------------------------------------------------------
-    def _run_ref(self) -> ledger.RunRef:
-        return ledger.RunRef(self.req.run_date, self.req.run_id)
 
     @staticmethod
     def _check(contract, data, output: bool = False) -> None:
@@ -378,10 +372,6 @@ class SelectionPipeline:
         except ContractError as exc:
             raise PipelineError(str(exc)) from None
 
-    def _record_nodes(self, ds) -> None:
-        nodes = flow.collect(ds.select_columns([NODE_ID]).map_batches(flow.unique_nodes, batch_format="pyarrow"))
-        if NODE_ID in nodes.column_names:  # an empty dataset (every row rejected) collects to no columns
-            self.nodes.update(nodes.column(NODE_ID).to_pylist())
 
 def exactly_once(expected_ids: pa.ChunkedArray, scored: pa.Table) -> tuple[pa.Table, int]:
     """Scored rows, one per expected doc_id, and how many repeated rows were dropped.

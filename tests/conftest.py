@@ -59,12 +59,18 @@ def committed_run(sample_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def default_run(sample_corpus, tmp_path_factory):
-    """One real run with the packaged default config (a cold start: no LLM): the run folder."""
+def default_run_proc(sample_corpus, tmp_path_factory):
+    """One real run with the packaged default config (a cold start: no LLM): (run folder, process)."""
     from tests.cli_run import labelnext, run_dir
 
     out = tmp_path_factory.mktemp("out-default")
     proc = labelnext("run", "--corpus", str(sample_corpus), "--output", str(out), "--budget", "12",
                      "--run-id", "e2e", "--run-date", "2026-11-25", "--set", "ray.num_cpus=2", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir(out, "e2e")
+    return run_dir(out, "e2e"), proc
+
+
+@pytest.fixture(scope="session")
+def default_run(default_run_proc):
+    """The packaged default's run folder (see default_run_proc)."""
+    return default_run_proc[0]

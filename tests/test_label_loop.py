@@ -129,6 +129,9 @@ def test_night_two_selects_no_labelled_document_and_ranks_by_margin(loop):
     margins = selected.column("margin").to_pylist()
     assert all(m is not None and 0.0 <= m <= 1.0 for m in margins)
     assert set(selected.column("reason").to_pylist()) <= {"cluster_quota_margin", "fill"}
+    # The log names the rule that chose (not select.rule, which only a cold start uses), and the select stage once.
+    assert f"select: {BUDGET} documents (Cluster-Margin: the task model's margin" in night2.stderr
+    assert night2.stderr.count("select: started") == 1 and "task model: started" in night2.stderr
     assert manifest["counts"]["candidates_scored"] == 0  # select.llm_with_labels is off by default
     assert manifest["config"]["select"]["rule"] == "typical_uncertain"
     cost = world.json(f"{_run_key('2026-11-25')}/cost_report.json")

@@ -67,6 +67,17 @@ def test_a_successful_run_logs_no_errors(committed_run):
     assert "score:" in proc.stderr  # the LLM stage ran (its actor pool is what used to log the error)
 
 
+def test_a_default_run_on_cpu_logs_no_warning(default_run_proc):
+    """The packaged default on a CPU-only machine prints only what a user should act on: no WARNING line from
+    labelnext (its GPU sizes are no ask on a cluster without GPUs) nor from Ray (``W`` lines of its C++ core,
+    Python warnings such as "no available CPUs ... will hang" after a stage's actor pool finished)."""
+    stderr = default_run_proc[1].stderr
+    ray_warnings = re.findall(r"^\[[^\]]* W \d+ \d+\].*$", stderr, re.M)
+    python_warnings = re.findall(r"^.*\bWARNING\b.*$", stderr, re.M)
+    assert not ray_warnings and not python_warnings, (ray_warnings + python_warnings)[:5]
+    assert "select: 12 documents (rule cluster_only)" in stderr and stderr.count("select: started") == 1
+
+
 def test_selected_scores_and_rejects(committed_run):
     run_dir, _ = committed_run
     selected = pq.read_table(run_dir / "selected")

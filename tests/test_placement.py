@@ -89,6 +89,29 @@ def test_no_gpu_auto_falls_back_to_cpu_with_one_warning(caplog):
     assert p.warnings == [warnings[0].getMessage()]
 
 
+def test_default_config_on_a_cluster_without_gpus_runs_on_cpu_quietly(caplog):
+    """The embedded default's num_gpus sizes GPU actors when there are GPUs; it is no ask on a CPU cluster."""
+    from labelnext.pipelines.config import load_config
+
+    with caplog.at_level(logging.WARNING, logger="labelnext.pipelines.placement"):
+        p = plan_placement(totals(node(2)), load_config().resources, nodes=[node(2)])
+        q = plan([node(2)])
+    assert not p.embed.use_gpu and not p.score.use_gpu and not q.embed.use_gpu
+    assert not p.warnings and not q.warnings and not caplog.records
+    gpu = plan_placement(totals(node(8, 1)), load_config().resources, nodes=[node(8, 1)])
+    assert gpu.embed.use_gpu and gpu.embed.num_gpus == 0.25 and gpu.score.use_gpu and gpu.score.num_gpus == 1
+
+
+def test_explicit_gpu_ask_from_overrides_still_warns_without_gpus(caplog):
+    from labelnext.pipelines.config import load_config
+
+    cfg = load_config(overrides=["resources.score.num_gpus=0.5"])
+    with caplog.at_level(logging.WARNING, logger="labelnext.pipelines.placement"):
+        p = plan_placement(totals(node(2)), cfg.resources, nodes=[node(2)])
+    assert len(p.warnings) == 1 and "resources.score (num_gpus=0.5)" in p.warnings[0]
+    assert "resources.embed" not in p.warnings[0]
+
+
 def test_no_gpu_explicit_cuda_is_a_clear_error():
     with pytest.raises(PlacementError, match=r"resources\.score\.device is 'cuda'.*--set resources\.score\.device=auto"):
         plan([node(8)], score=ScoreResources(device="cuda"))
