@@ -24,7 +24,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/labelnext sample-corpus --out runs/sample_corpus.parquet --docs $(DEMO_DOCS)
-	$(BIN)/labelnext run --corpus runs/sample_corpus.parquet --output runs/demo --budget $(DEMO_BUDGET) --run-id demo
+	$(BIN)/labelnext run --config demo --corpus runs/sample_corpus.parquet --output runs/demo --budget $(DEMO_BUDGET) --run-id demo
 
 test: $(STAMP)
 	# Headless Chromium renders report.html in tests/test_report_html.py (Debian/Ubuntu package; CI runs as root).

@@ -152,11 +152,14 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def _parse_scalar(raw: str) -> Any:
-    """Parse a ``--set`` value with YAML rules so ``64``, ``true``, ``null`` and ``[a, b]`` work."""
+    """Parse a ``--set`` value with YAML rules so ``64``, ``true``, ``null`` and ``[a, b]`` work.
+
+    A mapping only when written as one (``{a: 1}``): ``Topic of {title}: {text}`` is a prompt, not a mapping."""
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    return raw if isinstance(value, dict) and not raw.lstrip().startswith("{") else value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

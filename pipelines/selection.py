@@ -25,7 +25,7 @@ from labelnext.ops.embed import encoder as emb
 from labelnext.ops.io import input_vectors as iv
 from labelnext.ops.io import read as rd
 from labelnext.ops.select import selector as sel
-from labelnext.ops.core.columns import DISTANCE, DOC_ID, EMBEDDING, MARGIN, RAND_KEY, SCORE_COLUMNS, TEXT
+from labelnext.ops.core.columns import DISTANCE, DOC_ID, EMBEDDING, MARGIN, RAND_KEY, TEXT
 from labelnext.ops.core.contract import ContractError
 from labelnext.ops.embed.cache import EmbeddingCache, add_text_hash
 from labelnext.ops.core.instrument import ACTOR_ID, BUSY_S, NODE_ID
@@ -286,14 +286,16 @@ class SelectionPipeline:
             return candidates
         from labelnext.ops.score import scorer as sc
 
+        score_cfg = self._score_settings()
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
-            ds = flow.rows_dataset(texts, candidates.column(DOC_ID), [DOC_ID, TEXT], sc.docs_per_batch(self.cfg.score))
-            self._check(sc.CONTRACT, ds)
+            ds = flow.rows_dataset(texts, candidates.column(DOC_ID), [DOC_ID, TEXT], sc.docs_per_batch(score_cfg))
+            contract = sc.contract_for(score_cfg)
+            self._check(contract, ds)
             scored = flow.collect(sc.score_dataset(
-                ds, self.cfg.score, use_gpu=p.use_gpu, concurrency=p.concurrency, num_gpus=p.num_gpus,
+                ds, score_cfg, use_gpu=p.use_gpu, concurrency=p.concurrency, num_gpus=p.num_gpus,
                 num_cpus=p.num_cpus, tensor_parallel_size=p.tensor_parallel_size))
-            self._check(sc.CONTRACT, scored, output=True)
-            scored, repeated = exactly_once(candidates.column(DOC_ID), scored)
+            self._check(contract, scored, output=True)
+            scored, repeated = exactly_once(candidates.column(DOC_ID), sc.as_list_columns(scored))
             st.docs = scored.num_rows
             st.tokens = int(pa.compute.sum(scored.column("n_tokens")).as_py() or 0)
             st.extra["actors"] = p.concurrency
@@ -312,10 +314,20 @@ class SelectionPipeline:
                             per_actor.column(ACTOR_ID).to_pylist(), per_actor.column("n_tokens_sum").to_pylist(),
                             per_actor.column(f"{BUSY_S}_sum").to_pylist())}
             st.extra["truncated_docs"] = int(pa.compute.sum(scored.column("truncated").cast(pa.int64())).as_py() or 0)
-            st.extra["backend"] = sc.choose_backend(self.cfg.score.backend)
+            st.extra["backend"] = sc.choose_backend(score_cfg.backend)
+            st.extra["prompt"] = ("plain text" if not score_cfg.prompted else
+                                  f"{len(score_cfg.task.choices)} choices" if score_cfg.task.choices else "generative")
         self.counts["candidates_scored"] = st.docs
         log.info("score: %d candidates, %d tokens in %.1fs", st.docs, st.tokens, st.wall_s)
-        return flow.attach_columns(candidates, scored.select([DOC_ID, *SCORE_COLUMNS]))
+        return flow.attach_columns(candidates, scored.select([DOC_ID, *sc.score_columns(score_cfg)]))
+
+    def _score_settings(self):
+        """``score``, with the classes of ``input.labels`` as the task prompt's choices when it names none."""
+        task, counts = self.cfg.score.task, self.loop.label_counts()
+        if not task.prompted or task.choices is not None or not counts or len(counts) < 2:
+            return self.cfg.score
+        log.info("score: the task prompt's choices are the %d classes of input.labels", len(counts))
+        return self.cfg.score.model_copy(update={"task": task.model_copy(update={"choices": sorted(counts)})})
 
     def select(self, scored: pa.Table, sizes: np.ndarray) -> pa.Table:
         contract = sel.contract(self.cfg.select, margin=MARGIN in scored.column_names)
@@ -412,8 +424,7 @@ def estimate_corpus_tokens(texts, n: int, cfg: RunConfig) -> tuple[float, int]:
     from labelnext.ops.score.scorer import count_tokens
 
     sample = sample_texts(texts, n, cfg.cost.token_sample, cfg.select.seed)
-    # count_tokens and n_tokens count predicted positions: a window of max_tokens predicts max_tokens - 1.
-    counts = np.minimum(count_tokens(sample, cfg.score), cfg.score.max_tokens - 1)
+    counts = count_tokens(sample, cfg.score, window=True)
     return (float(np.mean(counts) * n) if len(counts) else 0.0), len(sample)
 
 

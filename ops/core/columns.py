@@ -27,6 +27,11 @@ CANDIDATE_REASON = "candidate_reason"
 SCORE_IDS = "_score_ids"  # scoring LLM input ids per document (score tokenize -> score, on GPU runs)
 SCORE_TRUNCATED = "_score_truncated"
 SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
+# score, with a task prompt and choices (score.task): the LLM's answer over the label names
+LLM_LABEL = "llm_label"  # most probable choice (calibrated)
+LLM_MARGIN = "llm_margin"  # top-1 minus top-2 choice probability
+LLM_PROBS = "llm_probs"  # list<float32>, in score.task.choices order
+LLM_COLUMNS = (LLM_LABEL, LLM_MARGIN, LLM_PROBS)
 # select
 SELECTED_COLUMNS = (
     "doc_id", "rank", "cluster_id", "cluster_size", "uncertainty", "nll", "n_tokens",

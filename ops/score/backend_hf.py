@@ -23,6 +23,9 @@ from labelnext.ops.score.inputs import pack_by_tokens, pack_rows
 
 log = logging.getLogger(__name__)
 
+# Choices run after a prompt's cached keys/values at most this many at a time (the cache is copied per row).
+_CHOICE_ROWS = 32
+
 
 class HFBackend:
     name = "transformers"
@@ -46,6 +49,7 @@ class HFBackend:
         # length buckets would recompile for every new width.
         self.compiled = compile and self.packed
         self._forward = torch.compile(self.decoder, dynamic=False) if self.compiled else self.decoder
+        self._prefix = None  # (token ids, key/value cache) of the task prompt's shared instruction
 
     def _run(self, **inputs) -> torch.Tensor:
         try:
@@ -107,6 +111,97 @@ class HFBackend:
             # Right padding: real positions never attend to padding under the causal mask.
             hidden = self._run(input_ids=ids.to(self.device), attention_mask=mask)
             yield group, hidden[mask.bool()]
+
+    @torch.inference_mode()
+    def choice_hidden(self, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]],
+                      shared: int = 0) -> list[torch.Tensor]:
+        """Per prompt, the hidden states at the positions that predict each choice's tokens, choices back to back.
+
+        The first ``shared`` tokens (the instruction before the document, the same in every prompt) run once per
+        backend and their key/value cache is reused. The rest of the prompts run as right-padded batches; each
+        batch's cache is then copied once per choice, and the choices (all but their last token, a target only)
+        run after it, at most ``_CHOICE_ROWS`` rows a call.
+        """
+        shared = min([shared, *(len(p) - 1 for p in prompts)])
+        tails = [list(c[:-1]) for c in choices]
+        per_call = max(1, _CHOICE_ROWS // len(choices))
+        out: list[torch.Tensor] = []
+        for start in range(0, len(prompts), per_call):
+            group = [list(p) for p in prompts[start:start + per_call]]
+            last, cache, mask = self._prompt_batch(group, shared)
+            lengths = [len(p) for p in group]
+            parts = [[last[g:g + 1]] for g in range(len(group))]
+            for first in range(0, len(tails), _CHOICE_ROWS):
+                chunk = tails[first:first + _CHOICE_ROWS]
+                for g, hidden in self._choice_batch(cache, mask, lengths, chunk):
+                    parts[g].append(hidden)
+                if not max(len(tail) for tail in chunk):
+                    for g in range(len(group)):
+                        parts[g] += [last[g:g]] * len(chunk)
+            # parts[g]: the prompt's last position, then per choice its own positions; reorder choice-major.
+            for g, prompt_parts in enumerate(parts):
+                pieces = []
+                for c, tail in enumerate(tails):
+                    pieces += [last[g:g + 1], prompt_parts[1 + c]]
+                out.append(torch.cat(pieces))
+        return out
+
+    def _prompt_batch(self, group: list[list[int]], shared: int):
+        """The prompts after the shared prefix, right-padded: last positions' hidden states, the batch's cache and
+        its attention mask (prefix included)."""
+        import copy
+
+        rests = [p[shared:] for p in group]
+        width = max(len(r) for r in rests)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for g, rest in enumerate(rests):
+            ids[g, :len(rest)] = torch.as_tensor(rest, dtype=torch.long)
+            mask[g, shared:shared + len(rest)] = 1
+        cache = None
+        if shared:
+            cache = copy.deepcopy(self._prefix_cache(group[0][:shared]))
+            cache.batch_repeat_interleave(len(group))
+        positions = (shared + torch.arange(width))[None].expand(len(group), width)
+        out = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                           position_ids=positions.to(self.device), past_key_values=cache, use_cache=True)
+        ends = torch.as_tensor([len(r) - 1 for r in rests])
+        return out.last_hidden_state[torch.arange(len(group)), ends.to(self.device)], out.past_key_values, mask
+
+    def _choice_batch(self, cache, mask: torch.Tensor, lengths: list[int], tails: list[list[int]]):
+        """``(prompt index, hidden [len(tail), H])`` for every prompt of the batch and every choice tail."""
+        import copy
+
+        width = max(len(t) for t in tails)
+        if width == 0:  # one-token choices: the prompt's last position predicts them all
+            return
+        rows = len(lengths) * len(tails)
+        ids = torch.zeros((rows, width), dtype=torch.long)
+        full = torch.zeros((rows, mask.shape[1] + width), dtype=torch.long)
+        full[:, :mask.shape[1]] = mask.repeat_interleave(len(tails), dim=0)
+        positions = torch.zeros((rows, width), dtype=torch.long)
+        for g, n in enumerate(lengths):
+            for c, tail in enumerate(tails):
+                r = g * len(tails) + c
+                ids[r, :len(tail)] = torch.as_tensor(tail, dtype=torch.long)
+                full[r, mask.shape[1]:mask.shape[1] + len(tail)] = 1
+                positions[r] = n + torch.arange(width)
+        copied = copy.deepcopy(cache)
+        copied.batch_repeat_interleave(len(tails))
+        hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=full.to(self.device),
+                              position_ids=positions.to(self.device), past_key_values=copied,
+                              use_cache=True).last_hidden_state
+        for g in range(len(lengths)):
+            for c, tail in enumerate(tails):
+                yield g, hidden[g * len(tails) + c, :len(tail)]
+
+    def _prefix_cache(self, prefix: Sequence[int]):
+        key = tuple(prefix)
+        if self._prefix is None or self._prefix[0] != key:
+            out = self.decoder(input_ids=torch.as_tensor([list(prefix)], device=self.device), use_cache=True)
+            self._prefix = (key, out.past_key_values)
+        return self._prefix[1]
 
     def close(self) -> None:
         self.model = self.decoder = self._forward = None

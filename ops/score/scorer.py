@@ -4,6 +4,11 @@ Per document: ``uncertainty`` = mean over predicted positions of the exact Shann
 next-token distribution over the full vocabulary, ``max_entropy``, ``nll`` (mean next-token NLL),
 ``n_tokens`` (predicted positions = model input tokens - 1) and ``truncated``.
 
+With a task prompt (``score.task``, see ``labelnext.ops.score.prompt``) the model reads the prompt instead and
+``uncertainty`` is the entropy of its calibrated distribution over the choices, with ``llm_label``,
+``llm_margin`` and ``llm_probs`` added (``labelnext.ops.score.choices``), or, without choices, the entropy of
+the first answer token; ``nll`` and ``max_entropy`` are then NaN and ``n_tokens`` counts prompt and choice tokens.
+
 :class:`Scorer` is plain Python (testable without Ray); :func:`score_dataset` wraps it in a Ray Data actor
 pool. Backends (``labelnext.ops.score.backend_hf``, ``labelnext.ops.score.backend_vllm``) only produce final hidden states; the float32 output
 head and the entropy maths (``labelnext.ops.score.entropy``) are shared, so both backends score identically.
@@ -19,9 +24,11 @@ from typing import Optional, TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from labelnext.ops.score import choices as ch
 from labelnext.ops.score.entropy import hidden_entropy_nll, segment_stats
 from labelnext.ops.core.model_prep import prepare_model, resolve_device
 from labelnext.ops.score.inputs import bos_prefix, encode, text_token_ids
+from labelnext.ops.score.prompt import PromptFormat
 from labelnext.ops.core.columns import DOC_ID, SCORE_COLUMNS, SCORE_IDS, SCORE_TRUNCATED, TEXT
 from labelnext.ops.core.contract import StageContract
 from labelnext.ops.score.settings import ScoreConfig, batch_tokens_for, on_for
@@ -34,6 +41,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTRACT = StageContract("score", needs=(DOC_ID, TEXT), adds=SCORE_COLUMNS)
+
+
+def score_columns(cfg: ScoreConfig) -> tuple[str, ...]:
+    """The columns the Scorer adds under ``cfg``."""
+    return SCORE_COLUMNS + (ch.CHOICE_COLUMNS if cfg.task.prompted and cfg.task.choices else ())
+
+
+def contract_for(cfg: ScoreConfig) -> StageContract:
+    return StageContract("score", needs=(DOC_ID, TEXT), adds=score_columns(cfg))
+
+
+def as_list_columns(table: "pa.Table") -> "pa.Table":
+    """``llm_probs`` as ``list<float32>``: Ray Data carries the Scorer's ``[rows, choices]`` array as a tensor
+    extension column, which readers of ``scores/`` and ``selected/`` should not need Ray to decode."""
+    import pyarrow as pa
+
+    if ch.LLM_PROBS not in table.column_names:
+        return table
+    column = table.column(ch.LLM_PROBS)
+    if isinstance(column.type, pa.ExtensionType):
+        values = np.concatenate([np.asarray(chunk.to_numpy_ndarray() if hasattr(chunk, "to_numpy_ndarray")
+                                            else chunk.to_numpy(zero_copy_only=False)) for chunk in column.chunks]
+                                ) if column.num_chunks else np.zeros((0, 0), np.float32)
+        column = pa.array(list(np.asarray(values, dtype=np.float32)), pa.list_(pa.float32()))
+    else:
+        column = column.cast(pa.list_(pa.float32()))
+    index = table.column_names.index(ch.LLM_PROBS)
+    return table.set_column(index, ch.LLM_PROBS, column)
 BACKENDS = ("vllm", "transformers")
 # Bytes of float32 logits one output-head chunk may hold (one large matmul; on CPU the entropy statistics then
 # run over it in cache-sized row blocks, see ops.entropy). A GPU takes larger chunks: fewer kernel launches.
@@ -74,8 +109,10 @@ def model_window(model_dir: str, max_tokens: int) -> int:
     return min(max_tokens, int(limit)) if limit else max_tokens
 
 
-def count_tokens(texts: list[str], cfg: ScoreConfig) -> list[int]:
-    """Predicted positions each text would give before truncation (same unit as ``n_tokens``), tokenizer only.
+def count_tokens(texts: list[str], cfg: ScoreConfig, window: bool = False) -> list[int]:
+    """Tokens each text costs the scoring model (the unit of ``n_tokens``), tokenizer only: predicted positions
+    as plain text, prompt + choice tokens with a task prompt; before truncation, or within the window
+    (``score.max_tokens``) with ``window``.
 
     The run's cost estimate calls this on the driver, which never loads a model: the checkpoint's
     ``tokenizer.json`` is read with the tokenizers library when it has one (the ids of its transformers fast
@@ -83,6 +120,12 @@ def count_tokens(texts: list[str], cfg: ScoreConfig) -> list[int]:
     """
     model_dir = prepare_model(cfg.model, cfg.cache_dir)
     texts = [str(t) for t in texts]
+    if cfg.prompted:  # the rendered prompt needs the chat template: transformers' tokenizer
+        tokenizer = load_tokenizer(model_dir)
+        prompt = PromptFormat.build(tokenizer, cfg.task)
+        cap = prompt.max_prompt(model_window(model_dir, cfg.max_tokens)) if window else None
+        return [min(len(i) + prompt.overhead, cap or 1 << 62) + prompt.choice_tokens
+                for i in text_token_ids(tokenizer, texts)]
     fast = fast_token_counter(model_dir)
     if fast is not None:
         prefix, tokenizer = fast
@@ -90,7 +133,9 @@ def count_tokens(texts: list[str], cfg: ScoreConfig) -> list[int]:
     else:
         tokenizer = load_tokenizer(model_dir)
         prefix, ids = len(bos_prefix(tokenizer)), text_token_ids(tokenizer, texts)
-    return [max(0, prefix + len(i) - 1) for i in ids]
+    counts = [max(0, prefix + len(i) - 1) for i in ids]
+    # A window of max_tokens positions predicts max_tokens - 1 of them.
+    return [min(c, cfg.max_tokens - 1) for c in counts] if window else counts
 
 
 @lru_cache(maxsize=4)
@@ -134,6 +179,7 @@ class Scorer:
         self.engine = self._build_engine()
         chunk_bytes = _CPU_LOGIT_CHUNK_BYTES if self.device == "cpu" else _GPU_LOGIT_CHUNK_BYTES
         self.chunk = max(16, chunk_bytes // (4 * self.engine.head.vocab_size))
+        self._calibration: Optional[np.ndarray] = None
         log.info("scorer: %s backend on %s (%s), window %d tokens, %d tokens per batch%s", self.backend,
                  self.device, str(self.dtype).removeprefix("torch."), self.window, self.batch_tokens,
                  ", packed rows" if getattr(self.engine, "packed", False) else "")
@@ -166,7 +212,51 @@ class Scorer:
         return self.score_ids(enc.ids, enc.truncated)
 
     def score_ids(self, ids: Sequence[Sequence[int]], truncated: Sequence[bool]) -> dict[str, np.ndarray]:
-        """:meth:`score_texts` for documents already encoded (``score_inputs.encode`` with this window)."""
+        """:meth:`score_texts` for documents already encoded (:class:`ScoreTokenizer` with this window)."""
+        if self.tokenize.prompt is not None:
+            return self._score_prompts(ids, truncated)
+        return self._score_plain(ids, truncated)
+
+    def _score_prompts(self, ids: Sequence[Sequence[int]], truncated: Sequence[bool]) -> dict[str, np.ndarray]:
+        import torch
+
+        prompt = self.tokenize.prompt
+        n = len(ids)
+        out = {"max_entropy": np.full(n, np.nan, np.float32), "nll": np.full(n, np.nan, np.float32),
+               "n_tokens": np.array([len(s) + prompt.choice_tokens for s in ids], dtype=np.int64),
+               "truncated": np.array(truncated, dtype=bool)}
+        with torch.inference_mode():
+            if not prompt.choices:
+                entropy = ch.answer_entropy_from_hidden(self._hidden_batches(list(ids)), ids, self.engine.head,
+                                                        self.chunk)
+                return {"uncertainty": entropy.astype(np.float32), **out}
+            probs = ch.normalise(self.choice_logprobs(ids), self.calibration())
+        return {**ch.choice_stats(probs, self.cfg.task.choices), **out}
+
+    def choice_logprobs(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """``[documents, choices]``: log-probability of each choice's whole token sequence after each prompt."""
+        choices = self.tokenize.prompt.choices
+        if hasattr(self.engine, "choice_hidden") and not getattr(self.engine, "packed", False):
+            shared = len(self.tokenize.prompt.head)
+            return ch.choice_logprobs_reusing_prompt(
+                lambda prompts, names: self.engine.choice_hidden(prompts, names, shared), ids, choices,
+                self.engine.head, self.chunk)
+        # Whole prompt + choice sequences through the engine's batched path (packed rows, vLLM).
+        seqs, starts = ch.choice_targets(ids, choices)
+        flat = ch.choice_logprobs_from_hidden(self._hidden_batches(seqs), seqs, starts, choices, self.engine.head,
+                                              self.chunk)
+        return flat.reshape(len(ids), len(choices))
+
+    def calibration(self) -> Optional[np.ndarray]:
+        """The choice distribution the prompt gives the content-free document (once per Scorer), or None."""
+        if not self.cfg.task.calibrate:
+            return None
+        if self._calibration is None:
+            enc = self.tokenize([self.cfg.task.content_free])
+            self._calibration = ch.normalise(self.choice_logprobs(enc.ids))[0]
+        return self._calibration
+
+    def _score_plain(self, ids: Sequence[Sequence[int]], truncated: Sequence[bool]) -> dict[str, np.ndarray]:
         import torch
 
         stats = np.full((len(ids), 3), np.nan)
@@ -242,14 +332,17 @@ def _texts(values) -> list[str]:
 
 
 class ScoreTokenizer:
-    """Text -> the Scorer's input ids (BOS, window, truncation), with only the tokenizer loaded."""
+    """Text -> the Scorer's input ids (BOS or the task prompt, window, truncation), with only the tokenizer loaded."""
 
     def __init__(self, model_dir: str, cfg: ScoreConfig):
         self.tokenizer = load_tokenizer(model_dir)
         self.window = model_window(model_dir, cfg.max_tokens)
         self.truncation = cfg.truncation
+        self.prompt = PromptFormat.build(self.tokenizer, cfg.task) if cfg.prompted else None
 
     def __call__(self, texts: Sequence[str]):
+        if self.prompt is not None:
+            return self.prompt.encode(self.tokenizer, texts, window=self.window, truncation=self.truncation)
         return encode(self.tokenizer, texts, window=self.window, truncation=self.truncation)
 
 

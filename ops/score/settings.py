@@ -1,4 +1,4 @@
-"""``score`` settings, apart from ``score.py`` so loading a config does not import torch."""
+"""``score`` settings, apart from the Scorer so loading a config does not import torch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pydantic import Field, PositiveInt
 
 from labelnext.ops.core.model_prep import BUNDLED_LLM
 from labelnext.ops.core.settings import StageSettings
+from labelnext.ops.score.prompt import TaskPrompt
 
 # Tokens per forward pass when score.batch_tokens is "auto". CPU: activations of one batch stay in cache.
 # GPU: bench/gpu.py and the H100 figures in the README (the Scorer at 8,192 ran at 0.44x its 65,536 rate).
@@ -16,24 +17,37 @@ GPU_BATCH_TOKENS = 65536
 
 
 class ScoreConfig(StageSettings):
-    """``score``: the scoring LLM, its backend and batching (placement lives in ``resources.score``)."""
+    """``score``: the scoring LLM, what it is told, its backend and batching (placement: ``resources.score``)."""
 
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    model: str = BUNDLED_LLM
-    max_tokens: int = Field(default=512, gt=1)
-    truncation: Literal["head", "head_tail"] = "head"
-    # Tokens per forward pass (vLLM: max_num_batched_tokens); auto = CPU_BATCH_TOKENS or GPU_BATCH_TOKENS.
-    batch_tokens: Union[Literal["auto"], PositiveInt] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # transformers backend: several documents per row of the batch, kept apart by position ids (no padding
-    # but a row's tail) when the model honours them (checked when the model loads), else length buckets.
-    # auto = packed on GPU, buckets on CPU (the CPU figures in the README were measured with buckets).
-    packing: Literal["auto", "on", "off"] = "auto"
-    # transformers backend, packed rows only: torch.compile the model body. auto = on for GPU (a packed bf16
-    # forward measured 576k vs 410k tokens/s eager on one H200), off on CPU (compile time is not paid back).
-    compile: Literal["auto", "on", "off"] = "auto"
-    cache_dir: Optional[str] = None
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        default="auto", description="scoring engine; auto = vllm when importable, else transformers")
+    model: str = Field(default=BUNDLED_LLM, description="a bundled:NAME, a local checkpoint folder or a GGUF file, "
+                       "or a hub id already in the local hub cache (no downloads at run time)")
+    task: TaskPrompt = Field(default_factory=TaskPrompt, description="the task the model is told (score.task.*)")
+    max_tokens: int = Field(default=512, gt=1, description="model input positions per document, the prompt "
+                            "included; longer documents are truncated (counted in the report)")
+    truncation: Literal["head", "head_tail"] = Field(
+        default="head", description="what a truncated document keeps: its head, or half head and half tail")
+    batch_tokens: Union[Literal["auto"], PositiveInt] = Field(
+        default="auto", description="tokens per forward pass (vLLM: max_num_batched_tokens); auto = "
+        f"{CPU_BATCH_TOKENS} on CPU, {GPU_BATCH_TOKENS} on GPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="model body precision; auto = bfloat16 on GPU, float32 on CPU (the output head "
+        "and the entropy are float32 on every setting)")
+    packing: Literal["auto", "on", "off"] = Field(
+        default="auto", description="transformers backend: several documents per row, kept apart by restarting "
+        "position ids (checked when the model loads), else length buckets; auto = packed on GPU, buckets on CPU")
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto", description="transformers backend, packed rows only: torch.compile the model body; auto = "
+        "on for GPU (a packed bf16 forward measured 576k vs 410k tokens/s eager on one H200), off on CPU")
+    cache_dir: Optional[str] = Field(default=None, description="where converted bundled/GGUF checkpoints are "
+                                     "kept (default: ~/.cache/labelnext/models)")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1,
+                                          description="vLLM: share of GPU memory the engine may take")
+
+    @property
+    def prompted(self) -> bool:
+        return self.task.prompted
 
 
 def batch_tokens_for(cfg: ScoreConfig, device: str) -> int:
