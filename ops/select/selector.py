@@ -31,13 +31,14 @@ from threadpoolctl import threadpool_limits
 
 from labelnext.ops.cluster.candidates import proportional_quotas, seeded_ranks, weighted_by_distance
 from labelnext.ops.core.columns import (CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, MARGIN, PREDICTED_LABEL, RAND_KEY,
-                                   SCORE_COLUMNS, SELECTED_COLUMNS)
+                                   SCORE_COLUMNS, SELECTED_COLUMNS, LLM_COLUMNS)
 from labelnext.ops.core.contract import StageContract
+from labelnext.ops.select.llm_labels import LLM_LABEL, disagreement, fill_spreading_labels, label_names
 from labelnext.ops.select.near_duplicates import NearDuplicates, embedding_matrix, near_duplicates
 from labelnext.ops.select.task_model import TaskModelConfig, class_balance_tilt
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from labelnext.ops.core.settings import StageSettings
 
@@ -77,23 +78,40 @@ class SelectConfig(StageSettings):
         "alone; bench/quality.py --rounds chose it)")
     class_balance: float = Field(default=0.0, ge=0, le=1, description="with labels, tilt cluster quotas towards "
                                  "rare predicted labels (0 off, 1 full inverse class frequency)")
+    llm_label_quota: bool = Field(
+        default=False, description="cold start with a task prompt (score.task.choices): fill the cluster quotas "
+        "one document per cluster per pass, each from the LLM's predicted labels least represented in the "
+        "selection so far, so the budget also spreads over the predicted labels (turns the LLM on; "
+        "bench/quality.py --task measures it)")
+    llm_disagreement: float = Field(
+        default=0.0, ge=0, description="with labels and llm_with_labels, a candidate whose LLM label "
+        "(score.task.choices) differs from the task model's predicted label ranks as if its margin were this "
+        "much smaller (0: off; bench/quality.py --task --rounds measures it)")
     task_model: TaskModelConfig = Field(default_factory=TaskModelConfig, description="the classifier trained on "
                                         "the labels; with labels its margin ranks documents within cluster quotas "
                                         "(Cluster-Margin)")
 
+    @field_validator("llm_disagreement")
+    @classmethod
+    def _disagreement_needs_the_llm(cls, v: float, info: ValidationInfo) -> float:
+        if v > 0 and not info.data.get("llm_with_labels", False):
+            raise ValueError("needs select.llm_with_labels: true (with labels the LLM scores candidates only then)")
+        return v
 
 
 NO_LLM_RULES = frozenset({"cluster_only", "stratified"})
 
 
 def uses_llm(cfg: SelectConfig) -> bool:
-    """Whether the rule ranks by LLM scores (the score stage runs only then)."""
-    return cfg.rule not in NO_LLM_RULES
+    """Whether the rule ranks by LLM scores or the quotas use its labels (the score stage runs only then)."""
+    return cfg.rule not in NO_LLM_RULES or cfg.llm_label_quota
 
 
 def contract(cfg: SelectConfig, margin: bool = False) -> StageContract:
     """``cluster_only`` and ``stratified`` need no LLM scores, nor does a task model's margin; other rules do."""
     scores = SCORE_COLUMNS if uses_llm(cfg) and not margin else ()
+    if cfg.llm_label_quota and not margin:
+        scores = (*scores, LLM_LABEL)
     return StageContract("select", needs=(DOC_ID, CLUSTER_ID, DISTANCE, RAND_KEY, EMBEDDING, *scores),
                          adds=SELECTED_COLUMNS)
 
@@ -131,6 +149,8 @@ def margin_priority(table: pa.Table, cfg: SelectConfig) -> np.ndarray:
     centroid first (the candidates stage ranks by the same key); with ``llm_with_labels`` and LLM scores, that
     key's percentile minus a quarter of the entropy percentile (per cluster)."""
     margin = weighted_by_distance(table, MARGIN, cfg.margin_distance_weight)
+    if cfg.llm_disagreement > 0 and LLM_LABEL in table.column_names:
+        margin = margin - cfg.llm_disagreement * disagreement(table)
     finite = np.isfinite(margin)
     if not (cfg.llm_with_labels and "uncertainty" in table.column_names):
         return np.where(finite, -margin, -np.inf)
@@ -276,12 +296,15 @@ class Selector:
             ranked = _ranked_within(clusters, prio, tiebreak)
             if duplicates is not None:
                 duplicates.expect(_quota_try_order(ranked, quotas))
-            for c in sorted(ranked):
-                got = 0
-                for i in ranked[c]:
-                    if got >= quotas[c]:
-                        break
-                    got += try_take(i, reason)
+            if self.cfg.llm_label_quota and MARGIN not in candidates.column_names:
+                fill_spreading_labels(ranked, quotas, label_names(candidates), lambda i: try_take(i, reason))
+            else:
+                for c in sorted(ranked):
+                    got = 0
+                    for i in ranked[c]:
+                        if got >= quotas[c]:
+                            break
+                        got += try_take(i, reason)
         # Fill: best remaining overall, first respecting near-duplicate removal, then not.
         fill_order = [int(i) for i in np.lexsort((tiebreak, -prio))]
         if duplicates is not None and len(chosen) < budget:
@@ -310,6 +333,7 @@ class Selector:
             PREDICTED_LABEL: _col(rows, PREDICTED_LABEL, pa.string()),
             MARGIN: _col(rows, MARGIN, pa.float64()),
         }
+        cols.update({name: rows.column(name) for name in LLM_COLUMNS if name in rows.column_names})
         return pa.table(cols)
 
 
