@@ -14,7 +14,7 @@ import pyarrow as pa
 from bench import anchors
 from bench.common import cache_key, log
 from bench.datasets import SPLIT_SEED, Dataset, embeddings
-from bench.llm_scores import SCORE_COLUMNS, llm_scores
+from bench.llm_scores import llm_scores
 from bench.result_cache import ResultCache
 from bench.strategies import Strategy, needs_llm, strategy_settings
 
@@ -74,8 +74,9 @@ def with_features(table: pa.Table, pool: Pool, scored: bool) -> pa.Table:
     table = table.append_column("embedding", _embedding_column(pool.emb[rows]))
     if scored:
         picked = pool.scores.take(pa.array(rows, pa.int64()))
-        for name in SCORE_COLUMNS:
-            table = table.append_column(name, picked.column(name))
+        for name in picked.column_names:
+            if name != "doc_id":
+                table = table.append_column(name, picked.column(name))
     return table
 
 
@@ -180,7 +181,9 @@ def load_pool(ds: Dataset, cfg, scored: bool) -> tuple[Pool, np.ndarray]:
 
 def bench_dataset(ds: Dataset, strategies_: list[Strategy], budgets: tuple[int, ...], seeds: int, cfg,
                   cache: ResultCache) -> list[Result]:
-    settings = {st.name: strategy_settings(st) for st in strategies_}
+    """Every strategy, budget and seed on one dataset; a task-aware strategy's key holds the task prompt."""
+    settings = {st.name: strategy_settings(st) + (cfg.score.task.model_dump_json() if st.task else "")
+                for st in strategies_}
     keys = {(b, s, st.name): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, b, s, st.name,
                                        settings[st.name])
             for b in budgets for s in range(seeds) for st in strategies_}

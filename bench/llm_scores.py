@@ -1,26 +1,51 @@
-"""The LLM scores of pool documents for the quality bench: the real ``Scorer`` (its plain-text uncertainty), every
-document scored once and cached on disk by the data file, the model and its window."""
+"""The LLM scores of pool documents for the quality bench: the real ``Scorer``, every document scored once and
+cached on disk by the data file, the model, its window and (with ``score.task`` set) the task prompt.
+
+Plain text: ``uncertainty`` (mean token entropy), ``max_entropy``, ``nll``, ``n_tokens``, ``truncated``. With a
+task prompt and choices, ``uncertainty`` is the entropy over the calibrated choice probabilities and the columns
+``llm_label``, ``llm_margin``, ``llm_probs`` come with it; the content-free calibration vector is kept beside the
+cache (``calibration``), so the uncalibrated (zero-shot) prediction can be recovered from the calibrated one."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import cache_key, log, slug
+from bench.common import cache_key, log, save_array, slug
 from bench.datasets import CACHE, Dataset
 
-SCORE_COLUMNS = ("uncertainty", "max_entropy", "nll", "n_tokens", "truncated")
 SCORE_CHUNK = 64
+TASK_CHUNK = 16  # a task prompt costs several plain passes per document (its choices): flush progress sooner
 
 
 def _score_cache_path(ds: Dataset, cfg) -> Path:
-    key = cache_key(ds.sha256, cfg.model, cfg.max_tokens, cfg.truncation, cfg.dtype)
+    # The task prompt joins the key only when set, so the plain-text caches keep their names.
+    task = (cfg.task.model_dump_json(),) if cfg.prompted else ()
+    key = cache_key(ds.sha256, cfg.model, cfg.max_tokens, cfg.truncation, cfg.dtype, *task)
     return CACHE / f"scores-{slug(ds.name)}-{key}.parquet"
+
+
+def _calibration_path(ds: Dataset, cfg) -> Path:
+    return _score_cache_path(ds, cfg).with_suffix(".calibration.npy")
+
+
+def columns(cfg) -> tuple[str, ...]:
+    """The Scorer's per-document columns under ``cfg`` (the choice columns with a task prompt and choices)."""
+    from labelnext.ops.score.scorer import score_columns
+
+    return score_columns(cfg)
+
+
+def calibration(ds: Dataset, cfg) -> Optional[np.ndarray]:
+    """The content-free choice distribution the scores were calibrated with (None without calibration)."""
+    path = _calibration_path(ds, cfg)
+    return np.load(path) if path.is_file() else None
 
 
 def _read_scores(path: Path) -> dict[str, dict]:
@@ -52,15 +77,19 @@ def _score_missing(ds: Dataset, todo: list[int], cfg, scores: dict[str, dict], p
 
     log(f"{ds.name}: scoring {len(todo)} docs with {cfg.model} ({cfg.backend}); cache {path.name}")
     scorer = Scorer(cfg, device="auto", num_cpus=os.cpu_count() or 1)
+    names = columns(cfg)
+    if cfg.prompted and cfg.task.choices and cfg.task.calibrate:
+        save_array(_calibration_path(ds, cfg), scorer.calibration())
     todo.sort(key=lambda r: len(str(ds.texts[r])))  # similar lengths batch with less padding
     start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
-    for i in range(0, len(todo), SCORE_CHUNK):
-        chunk = todo[i: i + SCORE_CHUNK]
+    step = TASK_CHUNK if cfg.prompted else SCORE_CHUNK
+    for i in range(0, len(todo), step):
+        chunk = todo[i: i + step]
         batch = {"doc_id": np.array([ds.ids[r] for r in chunk], dtype=object),
                  "text": np.array([str(ds.texts[r]) for r in chunk], dtype=object)}
-        out = scorer(batch)
+        out = scorer.score_texts(batch["text"].tolist()) if cfg.prompted else scorer(batch)
         for j, r in enumerate(chunk):
-            scores[ds.ids[r]] = {"doc_id": ds.ids[r], **{c: _py(out[c][j]) for c in SCORE_COLUMNS}}
+            scores[ds.ids[r]] = {"doc_id": ds.ids[r], **{c: _py(out[c][j]) for c in names}}
         done += len(chunk)
         if time.perf_counter() - last_flush > 60 or done == len(todo):
             _write_scores(path, scores)
@@ -70,5 +99,7 @@ def _score_missing(ds: Dataset, todo: list[int], cfg, scores: dict[str, dict], p
 
 
 def _py(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     return value.item() if isinstance(value, np.generic) else value
 

@@ -37,10 +37,18 @@ from bench import anchors, coldstart
 from bench.common import log, markdown_table
 from bench.strategies import Strategy
 
+# ``--task`` (score.task per dataset): the task-aware LLM's columns in the rounds with labels, as the product's
+# settings put them (select.llm_with_labels: its choice entropy breaks near-ties of the margin;
+# select.llm_disagreement: its label differing from the task model's lowers the margin by the weight).
+TASK_SELECT = {"labelnext+llm": {"llm_with_labels": True},
+               "labelnext+disagree=0.1": {"llm_with_labels": True, "llm_disagreement": 0.1},
+               "labelnext+disagree=0.3": {"llm_with_labels": True, "llm_disagreement": 0.3}}
+TASK_DEFAULT = ("random", "coldstart", "labelnext", *TASK_SELECT, "typiclust")  # what --task plays unless named
 LOOP_STRATEGIES = ("random", "coldstart", "margin", "labelnext", "labelnext+entropy", "labelnext+probe",
-                   "labelnext+probe-only", "typiclust", "probcover", "whole_pool")
+                   "labelnext+probe-only", *TASK_SELECT, "typiclust", "probcover", "whole_pool")
 PROBE_SHARE = {"labelnext+probe": 0.5, "labelnext+probe-only": 1.0}  # the probe's share of the probabilities
-OPT_IN = tuple(PROBE_SHARE)  # run only when --strategies names them (the LLM over every pool document)
+# Run only when --strategies names them: the LLM over every pool document (the task rules: with --task).
+OPT_IN = (*PROBE_SHARE, *TASK_SELECT)
 REQUIRED = ("random",)  # every difference is taken against it
 DEFAULT_FREE = ("random", "typiclust", "probcover", "whole_pool")  # results that do not depend on the default config
 # Each anchor round refits scikit-learn k-means with (labels so far + B) clusters over the pool, or ProbCover's
@@ -136,8 +144,13 @@ class Loop:
         if strategy == "margin":
             return rest[np.argsort(margin, kind="stable")[:budget]]
         labels, counts = np.unique(self.pool_y[labelled].astype(str), return_counts=True)
-        return rest[self._cluster_margin(rest, margin, predicted, dict(zip(labels.tolist(), counts.tolist())),
-                                         budget, seed, with_entropy=strategy.endswith("entropy"))]
+        label_counts = dict(zip(labels.tolist(), counts.tolist()))
+        if strategy in TASK_SELECT:
+            task_select = self.cfg.select.model_copy(update=TASK_SELECT[strategy])
+            return rest[self._cluster_margin(rest, margin, predicted, label_counts, budget, seed, False,
+                                             task_select=task_select)]
+        return rest[self._cluster_margin(rest, margin, predicted, label_counts, budget, seed,
+                                         with_entropy=strategy.endswith("entropy"))]
 
     def _probe_margin(self, labelled: np.ndarray, rest: np.ndarray, model,
                       share: float) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +169,11 @@ class Loop:
         return coldstart.Runner(self.pool.subset(rest), budget, seed).pick(Strategy("labelnext", "pipeline")).rows
 
     def _cluster_margin(self, rest: np.ndarray, margin: np.ndarray, predicted: np.ndarray,
-                        label_counts: dict[str, int], budget: int, seed: int, with_entropy: bool) -> np.ndarray:
-        """The real ``assign``, candidates stage and ``Selector`` (default config) over the unlabelled documents
-        with their margins, as the pipeline runs them when labels exist."""
+                        label_counts: dict[str, int], budget: int, seed: int, with_entropy: bool,
+                        task_select=None) -> np.ndarray:
+        """The real ``assign``, candidates stage and ``Selector`` (default config, or ``task_select`` with the
+        task-aware LLM's columns attached) over the unlabelled documents with their margins, as the pipeline runs
+        them when labels exist."""
         from labelnext.ops.core.columns import CLUSTER_ID, MARGIN, PREDICTED_LABEL
         from labelnext.ops.select.selector import Selector, percentile_within
 
@@ -166,7 +181,7 @@ class Loop:
         assigned, sizes = coldstart.assign(sub, budget, self.cfg, seed)
         assigned = assigned.append_column(MARGIN, pa.array(margin, pa.float64()))
         table = coldstart.with_features(coldstart.candidates(assigned, sizes, budget, self.cfg, near_key=MARGIN), sub,
-                                        scored=False)
+                                        scored=task_select is not None)
         rows = table.column("_row").to_numpy()
         margin = margin[rows]
         table = table.drop_columns([MARGIN])
@@ -178,14 +193,16 @@ class Loop:
             margin = percentile_within(margin, clusters) - ENTROPY_WEIGHT * percentile_within(entropy, clusters)
         table = table.append_column(MARGIN, pa.array(margin, pa.float64()))
         table = table.append_column(PREDICTED_LABEL, pa.array(predicted[rows].astype(str).tolist(), pa.string()))
-        selector = Selector(self.cfg.select, label_counts=label_counts)
+        selector = Selector(task_select or self.cfg.select, label_counts=label_counts)
         return coldstart.select_rows(selector.select(table, sizes, budget), table)
 
 
-def chosen(requested: Optional[list[str]]) -> list[str]:
-    """The strategies a run plays: those requested (plus ``REQUIRED``), or all but the opt-in ones."""
-    return [s for s in LOOP_STRATEGIES
-            if s in REQUIRED or (s in requested if requested else s not in OPT_IN)]
+def chosen(requested: Optional[list[str]], task: bool = False) -> list[str]:
+    """The strategies a run plays: those requested (plus ``REQUIRED``), or all but the opt-in ones (``task``:
+    ``TASK_DEFAULT``)."""
+    default = [s for s in LOOP_STRATEGIES if s in TASK_DEFAULT] if task else [s for s in LOOP_STRATEGIES
+                                                                               if s not in OPT_IN]
+    return [s for s in LOOP_STRATEGIES if s in REQUIRED or s in (requested or default)]
 
 
 def needs_llm_features(strategies: list[str]) -> bool:
@@ -197,7 +214,7 @@ def needs_llm(strategies: list[str], select_cfg) -> bool:
     from labelnext.ops.select.selector import uses_llm
 
     cold_start_based = {"coldstart", "margin", "labelnext"} & set(strategies)
-    return "labelnext+entropy" in strategies or (bool(cold_start_based) and uses_llm(select_cfg))
+    return "labelnext+entropy" in strategies or bool(set(TASK_SELECT) & set(strategies)) or (bool(cold_start_based) and uses_llm(select_cfg))
 
 
 def bench_loop(name: str, loop: Loop, strategies: list[str], rounds: int, seeds: int, cache,

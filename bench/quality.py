@@ -13,11 +13,15 @@ counts what each strategy would score in a real run.
 
 The cold-start rule is chosen out of sample (``bench/lodo.py``): for each held-out dataset, picked on the other
 datasets and reported on the held-out one. scikit-activeml's TypiClust and ProbCover are the published anchors.
-``--rounds R --per-round B`` runs the simulated nightly label loop instead (``bench/loop.py``).
+``--rounds R --per-round B`` runs the simulated nightly label loop instead (``bench/loop.py``). ``--task`` gives
+the scoring LLM each dataset's task prompt and label names (``score.task``, ``bench/task_prompts.py``) and
+measures the rules that read its answer (``bench/strategies.py: TASK_FAMILY``; with ``--rounds``, the loop's
+``labelnext+llm`` and ``labelnext+disagree=W``) against the LLM-free default, random and TypiClust.
 
     python -m bench.quality            # full run (long on a small CPU machine; see bench/README.md)
     python -m bench.quality --quick    # a few minutes: one dataset subset, budgets 20/50, 5 seeds
     python -m bench.quality --rounds 5 --per-round 200    # the nightly loop, 15 seeds
+    python -m bench.quality --task --pool-cap 600 --seeds 20      # the task-aware LLM rules (score.task)
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import lodo, loop  # noqa: E402
+from bench import lodo, loop, task_report  # noqa: E402
 from bench.coldstart import LR_C, Result, bench_dataset, load_pool  # noqa: E402
 from bench.common import (  # noqa: E402
     OUT, SHARED_DATA, SHARED_DATA_DISPLAY, cache_key, log, machine_description, markdown_table, setup_env,
@@ -40,7 +44,8 @@ from bench.common import (  # noqa: E402
 from bench.datasets import CACHE, SPLIT_SEED, TEST_FRACTION, discover, load_dataset, split  # noqa: E402
 from bench.llm_features import llm_features  # noqa: E402
 from bench.result_cache import ResultCache  # noqa: E402
-from bench.strategies import Strategy, needs_llm, strategies, strategy_settings  # noqa: E402
+from bench.strategies import Strategy, needs_llm, strategies, strategy_settings, task_strategies  # noqa: E402
+from bench.task_prompts import TASKS, task_config, task_pool_cap, zero_shot_accuracy  # noqa: E402
 
 BUDGETS = (20, 50, 100, 200)
 # 100 seeds: at B>=50 the gaps between rules are 0.002-0.02 F1 while one seed's paired difference spreads by
@@ -213,6 +218,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="simulated nightly loop: this many rounds (bench/loop.py)")
     p.add_argument("--per-round", type=int, default=200, help="loop: labels bought per round")
     p.add_argument("--out", type=Path, help="default bench/out/quality.md (loop: bench/out/loop.md)")
+    p.add_argument("--task", action="store_true", help="the task-aware LLM rules: each dataset's task prompt and "
+                   "label names in score.task (bench/task_prompts.py), against random, TypiClust and the default")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="loop only: config override for labelnext's rounds with labels (repeatable)")
     return p.parse_args(argv)
@@ -234,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     names = args.datasets or ([QUICK_DATASET] if args.quick else None)
     pool_cap = args.pool_cap or (QUICK_POOL if args.quick else None)
-    strategies_ = [s for s in strategies(cfg.select.rule)
+    strategies_ = [s for s in (task_strategies if args.task else strategies)(cfg.select.rule)
                    if (not args.strategies or s.name in args.strategies or s.name in REQUIRED)
                    and not (args.no_llm and needs_llm([s]))]
     if args.rounds:
@@ -242,48 +249,79 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.set:
         raise SystemExit("bench.quality: --set applies to the loop (--rounds) only; the cold-start strategies "
                          "carry their own settings")
-    results, used = [], []
+    results, used, accuracy = [], [], []
     cache = ResultCache(CACHE / "quality-results-v2.jsonl", fresh=args.fresh)
     for path in discover(names):
-        ds = split(load_dataset(path), pool_cap, QUICK_TEST if args.quick else None)
+        if args.task and path.stem not in TASKS:
+            continue
+        ds = split(load_dataset(path), task_pool_cap(path.stem, pool_cap) if args.task else pool_cap,
+                   QUICK_TEST if args.quick else None)
         log(f"{ds.name}: pool {len(ds.pool)}, test {len(ds.test)}, classes {len(set(ds.labels))}")
-        results += bench_dataset(ds, strategies_, budgets, seeds, cfg, cache)
+        ds_cfg = task_config(cfg, ds.name, ds.labels) if args.task else cfg
+        results += bench_dataset(ds, strategies_, budgets, seeds, ds_cfg, cache)
+        if args.task:
+            counts = np.unique(ds.labels[ds.pool].astype(str), return_counts=True)[1]
+            accuracy.append((ds.name, len(counts), len(ds.pool), *zero_shot_accuracy(ds, ds_cfg),
+                             counts.max() / counts.sum()))
         used.append(ds.name)
     if not used:
         print(f"bench.quality: none of {names} found in {SHARED_DATA_DISPLAY}; skipping.")
         return 0
+    order, family_names = [s.name for s in strategies_], [s.name for s in strategies_ if s.family]
     notes = [f"Pool cap: {pool_cap} docs per dataset." if pool_cap else ""]
-    text = render(results, used, budgets, seeds, [s.name for s in strategies_],
-                  [s.name for s in strategies_ if s.family], notes, cfg, args.quick)
+    if args.task:
+        notes = [f"Pool caps (documents): {', '.join(f'{d} {n}' for d, _, n, *_ in accuracy)}."]
+        notes += task_notes(results, used, budgets, order, family_names, accuracy)
+    text = render(results, used, budgets, seeds, order, family_names, notes, cfg, args.quick)
     text += strategy_notes(strategies_) + "\n"
-    _write(args.out or OUT / "quality.md", text)
+    _write(args.out or OUT / ("task.md" if args.task else "quality.md"), text)
     return 0
+
+
+def task_notes(results: list[Result], names: list[str], budgets: tuple[int, ...], order: list[str],
+               family_names: list[str], accuracy: list) -> list[str]:
+    """``--task``: the scoring LLM's accuracy, the rules against TypiClust and the goal."""
+    f1 = f1_index(results)
+    prompts = [f"- {d}: `{TASKS[d].template!r}`" + (f", score.max_tokens {TASKS[d].max_tokens} "
+                                                    f"({TASKS[d].truncation})" if TASKS[d].max_tokens else "")
+               for d in names]
+    return ["", "## Task-aware LLM", "", "Task prompts (score.task.template; the choices are the label names):", "",
+            *prompts, "", "The scoring LLM's answer on the pool's gold labels:", "",
+            task_report.accuracy_table(accuracy), "",
+            "Difference to TypiClust, paired by seed and averaged over datasets (± SE over seeds), and the worst "
+            "dataset's:", "", task_report.versus_table(f1, names, list(budgets), order, "typiclust"), "",
+            task_report.goal(f1, family_names, names, list(budgets))]
 
 
 def main_loop(args: argparse.Namespace, names: Optional[list[str]], pool_cap: Optional[int], cfg) -> int:
     results, used = [], []
     cache = ResultCache(CACHE / "loop-results.jsonl", fresh=args.fresh)
     seeds = args.seeds or (LOOP_QUICK_SEEDS if args.quick else LOOP_SEEDS)
-    loop_strategies = loop.chosen(args.strategies)
+    loop_strategies = loop.chosen(args.strategies, task=args.task)
     for path in discover(names):
-        ds = split(load_dataset(path), pool_cap, QUICK_TEST if args.quick else None)
-        pool, emb_all = load_pool(ds, cfg, loop.needs_llm(loop_strategies, cfg.select))
+        if args.task and path.stem not in TASKS:
+            continue
+        ds = split(load_dataset(path), task_pool_cap(path.stem, pool_cap) if args.task else pool_cap,
+                   QUICK_TEST if args.quick else None)
+        ds_cfg = task_config(cfg, ds.name, ds.labels) if args.task else cfg
+        pool, emb_all = load_pool(ds, ds_cfg, loop.needs_llm(loop_strategies, cfg.select))
         features = (llm_features(ds.name, ds.sha256, [str(t) for t in ds.texts[ds.pool]], ds.pool, cfg.score)
                     if loop.needs_llm_features(loop_strategies) else None)
-        lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, cfg, LR_C,
-                       features)
+        lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, ds_cfg,
+                       LR_C, features)
         log(f"{ds.name}: loop over pool {len(ds.pool)}, {args.rounds} rounds of {args.per_round}")
         default = strategy_settings(Strategy("labelnext", "pipeline"), with_labels=True) + "".join(args.set or [])
         keys = {(st, s): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, args.rounds,
                                    args.per_round, s, st, "" if st in loop.DEFAULT_FREE else default,
-                                   loop.CODE_VERSION.get(st, ""))
+                                   loop.CODE_VERSION.get(st, ""),
+                                   *((ds_cfg.score.task.model_dump_json(),) if st in loop.TASK_SELECT else ()))
                 for st in loop_strategies for s in range(seeds)}
         results += loop.bench_loop(ds.name, lp, loop_strategies, args.rounds, seeds, cache, keys)
         used.append(ds.name)
     if not used:
         print(f"bench.quality: none of {names} found in {SHARED_DATA_DISPLAY}; skipping.")
         return 0
-    _write(args.out or OUT / "loop.md", loop.render_loop(results, used, loop_strategies, args.rounds, args.per_round))
+    _write(args.out or OUT / ("loop-task.md" if args.task else "loop.md"), loop.render_loop(results, used, loop_strategies, args.rounds, args.per_round))
     return 0
 
 

@@ -16,6 +16,7 @@ class Strategy:
     overrides: tuple[str, ...] = ()  # ``--set`` style overrides on the default config
     note: str = ""
     family: bool = False  # a cold-start rule the leave-one-dataset-out choice picks from
+    task: bool = False  # reads the task-aware LLM's columns (score.task: the dataset's prompt and label names)
 
 
 # The cold-start family: k (budget/2 or budget clusters) x quotas (by size, or one per cluster first) x the
@@ -85,3 +86,38 @@ def strategy_settings(st: Strategy, with_labels: bool = False) -> str:
     return cache_key(cfg.cluster.model_dump_json(), cfg.candidates.model_dump_json(), select,
                      cfg.embed.model, cfg.score.model, cfg.score.max_tokens)
 
+
+
+# The task-aware cold-start family (score.task set per dataset, bench/task_prompts.py): the uncertainty is the
+# entropy over the label names, and ``+labels`` fills the cluster quotas spreading over the LLM's predicted labels
+# (select.llm_label_quota). k = B with cover quotas and auto seeding is the default's clustering; k = B/2 leaves
+# two documents per cluster for the LLM to choose between.
+_K_B = ("cluster.labels_per_cluster=1", "select.quota=cover", "cluster.init=auto")
+_K_HALF = ("cluster.labels_per_cluster=2", "select.quota=size", "cluster.init=random")
+_LABELS = ("select.llm_label_quota=true",)
+TASK_FAMILY = {
+    "task:typical_uncertain@B+cover+auto": (_K_B + ("select.rule=typical_uncertain",),
+                                            "k = B, choice entropy percentile - distance percentile"),
+    "task:typical_uncertain@B/2": (_K_HALF + ("select.rule=typical_uncertain",),
+                                   "k = B/2, choice entropy percentile - distance percentile"),
+    "task:baseline@B/2": (_K_HALF + ("select.rule=baseline",), "k = B/2, the highest choice entropy in each cluster"),
+    "task:cluster_only@B+cover+auto+labels": (_K_B + ("select.rule=cluster_only",) + _LABELS,
+                                              "k = B, nearest to the centroid, quotas spread over the LLM's labels"),
+    "task:cluster_only@B/2+labels": (_K_HALF + ("select.rule=cluster_only",) + _LABELS,
+                                     "k = B/2, nearest to the centroid, quotas spread over the LLM's labels"),
+    "task:typical_uncertain@B/2+labels": (_K_HALF + ("select.rule=typical_uncertain",) + _LABELS,
+                                          "k = B/2, choice entropy against typicality, quotas spread over the "
+                                          "LLM's labels"),
+}
+
+
+def task_strategies(default_rule: str) -> list[Strategy]:
+    """``bench.quality --task``: the task-aware rules against random, TypiClust and the LLM-free default."""
+    anchors_and_default = [s for s in strategies(default_rule) if s.name in ("random", "typiclust", "labelnext")]
+    return [
+        *anchors_and_default,
+        Strategy("task:entropy_all", "entropy_all", note="the LLM over every pool document, top-B by choice "
+                 "entropy", task=True),
+        *[Strategy(name, "pipeline", overrides, note, family=True, task=True)
+          for name, (overrides, note) in TASK_FAMILY.items()],
+    ]
