@@ -119,6 +119,14 @@ class LabelLoop:
             writer.write_table(TASK_MODEL_FILE, task.to_table())
             self.info["file"] = TASK_MODEL_FILE
 
+    def score_settings(self, score):
+        """``score``, with the classes of ``input.labels`` as the task prompt's choices when it names none."""
+        task, counts = score.task, self.label_counts()
+        if not task.prompted or task.choices is not None or not counts or len(counts) < 2:
+            return score
+        log.info("score: the task prompt's choices are the %d classes of input.labels", len(counts))
+        return score.model_copy(update={"task": task.model_copy(update={"choices": sorted(counts)})})
+
     def llm_decision(self) -> str:
         if not sel.uses_llm(self.cfg.select):
             return f"off: select.rule {self.cfg.select.rule} scores nothing"

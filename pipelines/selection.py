@@ -286,7 +286,7 @@ class SelectionPipeline:
             return candidates
         from labelnext.ops.score import scorer as sc
 
-        score_cfg = self._score_settings()
+        score_cfg = self.loop.score_settings(self.cfg.score)
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
             ds = flow.rows_dataset(texts, candidates.column(DOC_ID), [DOC_ID, TEXT], sc.docs_per_batch(score_cfg))
             contract = sc.contract_for(score_cfg)
@@ -320,14 +320,6 @@ class SelectionPipeline:
         self.counts["candidates_scored"] = st.docs
         log.info("score: %d candidates, %d tokens in %.1fs", st.docs, st.tokens, st.wall_s)
         return flow.attach_columns(candidates, scored.select([DOC_ID, *sc.score_columns(score_cfg)]))
-
-    def _score_settings(self):
-        """``score``, with the classes of ``input.labels`` as the task prompt's choices when it names none."""
-        task, counts = self.cfg.score.task, self.loop.label_counts()
-        if not task.prompted or task.choices is not None or not counts or len(counts) < 2:
-            return self.cfg.score
-        log.info("score: the task prompt's choices are the %d classes of input.labels", len(counts))
-        return self.cfg.score.model_copy(update={"task": task.model_copy(update={"choices": sorted(counts)})})
 
     def select(self, scored: pa.Table, sizes: np.ndarray) -> pa.Table:
         contract = sel.contract(self.cfg.select, margin=MARGIN in scored.column_names)

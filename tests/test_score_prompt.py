@@ -192,3 +192,20 @@ def test_vllm_and_transformers_give_the_same_choice_probabilities(tmp_path, scor
     np.testing.assert_allclose(np.array(vllm["logprobs"]), reference["docs"], atol=TOL, rtol=0)
     hf = scorer.score_texts(DOCS)
     np.testing.assert_allclose(np.array(vllm["probs"]), hf[LLM_PROBS], atol=TOL, rtol=0)
+
+
+def test_choices_default_to_the_classes_of_the_labels():
+    import pyarrow as pa
+
+    from labelnext.ops.io.labels import LabelSet
+    from labelnext.pipelines.label_loop import LabelLoop
+
+    cfg = load_config(None, ["score.task.template=Topic: {text}"])
+    loop = LabelLoop(cfg, layout=None, ledger=None, counts={})
+    assert loop.score_settings(cfg.score) is cfg.score  # a cold start: generative, no labels to name the choices
+    loop.labels = LabelSet(pa.array(["a", "b", "c"]), pa.array(["sports", "finance", "sports"]))
+    assert loop.score_settings(cfg.score).task.choices == ["finance", "sports"]
+    named = load_config(None, ["score.task.template=Topic: {text}", "score.task.choices=[x, y]"])
+    assert loop.score_settings(named.score).task.choices == ["x", "y"]  # the config's names win
+    plain = load_config(None, [])
+    assert loop.score_settings(plain.score) is plain.score  # plain-text scoring has no choices
