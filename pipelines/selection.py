@@ -285,6 +285,7 @@ class SelectionPipeline:
             self.counts["candidates_scored"] = 0
             return candidates
         from labelnext.ops.score import scorer as sc
+        from labelnext.ops.score.choices import as_list_columns
 
         score_cfg = self.loop.score_settings(self.cfg.score)
         with self.ledger.stage("score", cpus=p.num_cpus * p.concurrency, gpus=p.num_gpus * p.concurrency) as st:
@@ -295,7 +296,7 @@ class SelectionPipeline:
                 ds, score_cfg, use_gpu=p.use_gpu, concurrency=p.concurrency, num_gpus=p.num_gpus,
                 num_cpus=p.num_cpus, tensor_parallel_size=p.tensor_parallel_size))
             self._check(contract, scored, output=True)
-            scored, repeated = exactly_once(candidates.column(DOC_ID), sc.as_list_columns(scored))
+            scored, repeated = exactly_once(candidates.column(DOC_ID), as_list_columns(scored))
             st.docs = scored.num_rows
             st.tokens = int(pa.compute.sum(scored.column("n_tokens")).as_py() or 0)
             st.extra["actors"] = p.concurrency

@@ -16,6 +16,7 @@ from labelnext.ops.core.columns import LLM_COLUMNS, LLM_LABEL, LLM_MARGIN, LLM_P
 from labelnext.ops.score.entropy import hidden_entropy_nll
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import torch
 
 CHOICE_COLUMNS = LLM_COLUMNS
@@ -108,3 +109,22 @@ def choice_stats(probs: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarra
     label = np.asarray(names, dtype=object)[np.argmax(probs, axis=1)] if len(probs) else np.empty(0, dtype=object)
     return {"uncertainty": entropy.astype(np.float32), LLM_MARGIN: margin.astype(np.float32), LLM_LABEL: label,
             LLM_PROBS: probs.astype(np.float32)}
+
+
+def as_list_columns(table: "pa.Table") -> "pa.Table":
+    """``llm_probs`` as ``list<float32>``: Ray Data carries the Scorer's ``[rows, choices]`` array as a tensor
+    extension column, which readers of ``scores/`` and ``selected/`` should not need Ray to decode."""
+    import pyarrow as pa
+
+    if LLM_PROBS not in table.column_names:
+        return table
+    column = table.column(LLM_PROBS)
+    if isinstance(column.type, pa.ExtensionType):
+        values = np.concatenate([np.asarray(chunk.to_numpy_ndarray() if hasattr(chunk, "to_numpy_ndarray")
+                                            else chunk.to_numpy(zero_copy_only=False)) for chunk in column.chunks]
+                                ) if column.num_chunks else np.zeros((0, 0), np.float32)
+        column = pa.array(list(np.asarray(values, dtype=np.float32)), pa.list_(pa.float32()))
+    else:
+        column = column.cast(pa.list_(pa.float32()))
+    index = table.column_names.index(LLM_PROBS)
+    return table.set_column(index, LLM_PROBS, column)
