@@ -26,6 +26,7 @@ import numpy as np
 
 from labelnext.ops.score import choices as ch
 from labelnext.ops.score.entropy import hidden_entropy_nll, segment_stats
+from labelnext.ops.score.fused_head import fused_entropy_nll
 from labelnext.ops.core.model_prep import prepare_model, resolve_device
 from labelnext.ops.score.inputs import bos_prefix, encode, text_token_ids
 from labelnext.ops.score.prompt import PromptFormat
@@ -41,6 +42,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTRACT = StageContract("score", needs=(DOC_ID, TEXT), adds=SCORE_COLUMNS)
+BACKENDS = ("vllm", "transformers")
+# Bytes of float32 logits one output-head chunk may hold (one large matmul; on CPU the entropy statistics then
+# run over it in cache-sized row blocks, see ops.entropy). A GPU takes larger chunks: fewer kernel launches.
+_CPU_LOGIT_CHUNK_BYTES = 1 << 27
+_GPU_LOGIT_CHUNK_BYTES = 1 << 30
+# Positions of per-document hidden states (backends without whole-batch output) gathered before the head runs.
+_GROUP_CHUNKS = 4
 
 
 def score_columns(cfg: ScoreConfig) -> tuple[str, ...]:
@@ -50,32 +58,6 @@ def score_columns(cfg: ScoreConfig) -> tuple[str, ...]:
 
 def contract_for(cfg: ScoreConfig) -> StageContract:
     return StageContract("score", needs=(DOC_ID, TEXT), adds=score_columns(cfg))
-
-
-def as_list_columns(table: "pa.Table") -> "pa.Table":
-    """``llm_probs`` as ``list<float32>``: Ray Data carries the Scorer's ``[rows, choices]`` array as a tensor
-    extension column, which readers of ``scores/`` and ``selected/`` should not need Ray to decode."""
-    import pyarrow as pa
-
-    if ch.LLM_PROBS not in table.column_names:
-        return table
-    column = table.column(ch.LLM_PROBS)
-    if isinstance(column.type, pa.ExtensionType):
-        values = np.concatenate([np.asarray(chunk.to_numpy_ndarray() if hasattr(chunk, "to_numpy_ndarray")
-                                            else chunk.to_numpy(zero_copy_only=False)) for chunk in column.chunks]
-                                ) if column.num_chunks else np.zeros((0, 0), np.float32)
-        column = pa.array(list(np.asarray(values, dtype=np.float32)), pa.list_(pa.float32()))
-    else:
-        column = column.cast(pa.list_(pa.float32()))
-    index = table.column_names.index(ch.LLM_PROBS)
-    return table.set_column(index, ch.LLM_PROBS, column)
-BACKENDS = ("vllm", "transformers")
-# Bytes of float32 logits one output-head chunk may hold (one large matmul; on CPU the entropy statistics then
-# run over it in cache-sized row blocks, see ops.entropy). A GPU takes larger chunks: fewer kernel launches.
-_CPU_LOGIT_CHUNK_BYTES = 1 << 27
-_GPU_LOGIT_CHUNK_BYTES = 1 << 30
-# Positions of per-document hidden states (backends without whole-batch output) gathered before the head runs.
-_GROUP_CHUNKS = 4
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
@@ -308,8 +290,11 @@ class Scorer:
         predicts = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
         predicts[last] = False
         targets = ids.roll(-1)[predicts]
-        entropy, nll = hidden_entropy_nll(hidden.to(device)[predicts], targets, head=self.engine.head,
-                                          chunk=self.chunk)
+        if self.cfg.fused_head != "off":  # auto: measured faster on CPU too (bench/README.md)
+            entropy, nll = fused_entropy_nll(hidden.to(device)[predicts], targets, self.engine.head)
+        else:
+            entropy, nll = hidden_entropy_nll(hidden.to(device)[predicts], targets, head=self.engine.head,
+                                              chunk=self.chunk)
         return segment_stats(entropy, nll, lengths - 1).cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
