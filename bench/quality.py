@@ -290,6 +290,8 @@ def task_notes(results: list[Result], names: list[str], budgets: tuple[int, ...]
             task_report.accuracy_table(accuracy), "",
             "Difference to TypiClust, paired by seed and averaged over datasets (± SE over seeds), and the worst "
             "dataset's:", "", task_report.versus_table(f1, names, list(budgets), order, "typiclust"), "",
+            "Difference to the LLM-free default (`labelnext`), the same way:", "",
+            task_report.versus_table(f1, names, list(budgets), [s for s in order if s != "random"], "labelnext"), "",
             task_report.goal(f1, family_names, names, list(budgets))]
 
 
