@@ -10,7 +10,9 @@ Tokens are model input positions (BOS included) after truncation to ``score.max_
 the same ids. Engine start-up is timed separately ("init s"); tokens/s is the best of ``--rounds`` steady
 scoring passes (the load average is printed: on a shared machine the figures move with it). The Ray rows
 are one pass (actor start-up included) and the marginal rate of a pass three times as long (start-up excluded). The stage's exact entropy is also checked across backends:
-max |vLLM - transformers| per document.
+max |vLLM - transformers| per document. The fused output head (``score.fused_head``) is printed as ratios
+against the current path measured in the same run: the whole Scorer with it on and off, and the head +
+entropy alone on the model's real hidden states.
 
     python -m bench.score            # 240 docs, max_tokens 512
     python -m bench.score --quick    # 48 docs, max_tokens 256
@@ -100,7 +102,46 @@ def bench_scorer(cfg, texts: list[str], tokens: int, rounds: int, device: str, c
     scorer.close()
     del scorer
     gc.collect()
-    return Row("Scorer (exact entropy)", backend, t_init[0], seconds, tokens), out
+    label = "Scorer (exact entropy)" + ("" if cfg.fused_head == "auto" else f", score.fused_head={cfg.fused_head}")
+    return Row(label, backend, t_init[0], seconds, tokens), out
+
+
+def bench_fused_head(model_dir: str, ids: list[list[int]], device: str, dtype, rounds: int) -> dict:
+    """The score forward's post-body part alone, on the model's real final hidden states of these documents:
+    today's path (the head's whole logit rows for a chunk of positions, then the entropy) against the fused
+    head (vocabulary in tiles, online log-sum-exp), in the same process on the same tensors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from labelnext.ops.score.entropy import hidden_entropy_nll
+    from labelnext.ops.score.fused_head import fused_entropy_nll, tiles_for
+    from labelnext.ops.score.head import OutputHead
+    from labelnext.ops.score.scorer import _CPU_LOGIT_CHUNK_BYTES, _GPU_LOGIT_CHUNK_BYTES
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    head = OutputHead.from_model(model)
+    body = model.get_decoder()
+    with torch.inference_mode():
+        hidden = torch.cat([body(input_ids=torch.tensor([s], device=device)).last_hidden_state[0, :-1]
+                            for s in ids])
+    targets = torch.cat([torch.tensor(s[1:]) for s in ids]).to(device)
+    del model, body
+    gc.collect()
+    chunk_bytes = _CPU_LOGIT_CHUNK_BYTES if device == "cpu" else _GPU_LOGIT_CHUNK_BYTES
+    chunk = max(16, chunk_bytes // (4 * head.vocab_size))  # the Scorer's chunk of positions
+    out: dict = {}
+    with torch.inference_mode():
+        current = best_of(rounds, lambda: out.update(
+            current=hidden_entropy_nll(hidden, targets, head=head, chunk=chunk)))
+        fused = best_of(rounds, lambda: out.update(fused=fused_entropy_nll(hidden, targets, head)))
+        # The same hidden states rounded to bf16 (a bf16 body's output): the deviation that rounding costs.
+        bf16 = fused_entropy_nll(hidden.bfloat16(), targets, head)
+    delta = max(float((a - b).abs().max()) for a, b in zip(out["current"], out["fused"]))
+    bf16_delta = max(float((a - b).abs().max()) for a, b in zip(out["current"], bf16))
+    tiles = tiles_for(device)
+    return dict(positions=int(hidden.shape[0]), vocab=head.vocab_size, hidden_dtype=str(hidden.dtype)[6:],
+                current_s=current, fused_s=fused, chunk=chunk, tiles=f"{tiles.rows} x {tiles.vocab}",
+                max_delta=delta, bf16_max_delta=bf16_delta)
 
 
 def bench_bare_hf(model_dir: str, ids: list[list[int]], device: str, dtype, rounds: int) -> Row:
@@ -225,7 +266,28 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "-" if x != x else f"{x:,.{digits}f}"
 
 
-def render(rows: list[Row], agreement: dict, meta: dict) -> str:
+def render_fused(rows: list[Row], head: Optional[dict]) -> list[str]:
+    """The fused head as ratios against the current path measured in the same run."""
+    if head is None:
+        return []
+    default = next((r for r in rows if r.method == "Scorer (exact entropy)" and r.backend == "transformers"), None)
+    other = next((r for r in rows if "score.fused_head=" in r.method), None)
+    on, off = (other, default) if other and other.method.endswith("=on") else (default, other)
+    lines = [
+        f"Fused head and entropy, head + entropy only ({head['positions']:,} positions of {head['hidden_dtype']} "
+        f"hidden states, vocabulary {head['vocab']:,}): current path (chunks of {head['chunk']} positions x the "
+        f"whole vocabulary) {head['current_s']:.2f} s, fused ({head['tiles']} tiles) {head['fused_s']:.2f} s: "
+        f"**{head['current_s'] / head['fused_s']:.2f}x**; max |fused - current| per position {head['max_delta']:.1e} "
+        f"nats (the same hidden states rounded to bf16 first: {head['bf16_max_delta']:.1e}).",
+        "",
+    ]
+    if on and off:
+        lines += [f"Fused head and entropy, whole Scorer: score.fused_head on {on.tokens_per_s:,.1f} tokens/s vs off "
+                  f"{off.tokens_per_s:,.1f}: **{on.tokens_per_s / off.tokens_per_s:.2f}x**.", ""]
+    return lines
+
+
+def render(rows: list[Row], agreement: dict, meta: dict, head: Optional[dict] = None) -> str:
     base_vllm = next((r.tokens_per_s for r in rows if r.method.startswith("bare vLLM")), float("nan"))
     base_hf = next((r.tokens_per_s for r in rows if r.method.startswith("bare transformers")), float("nan"))
     table = markdown_table(
@@ -251,7 +313,7 @@ def render(rows: list[Row], agreement: dict, meta: dict) -> str:
             f"({diff['max_entropy_mean']:.1e}), NLL {diff['nll']:.2e} ({diff['nll_mean']:.1e}).",
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + render_fused(rows, head))
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -262,6 +324,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="timed passes per method, best kept (default 2 quick, 3 full)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray-wrapped row")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM rows (transformers only)")
+    p.add_argument("--no-fused", action="store_true",
+                   help="skip the fused head rows (the Scorer with the other score.fused_head, head + entropy alone)")
     p.add_argument("--dtype", default="auto", help="score.dtype: auto (bfloat16 on GPU, float32 on CPU), float32, ...")
     p.add_argument("--model", help="score.model (default: the bundled SmolLM2); a .gguf path or a checkpoint dir")
     p.add_argument("--out", type=Path, default=OUT / "score.md")
@@ -275,6 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from labelnext.ops.core.model_prep import prepare_model
     from labelnext.ops.score.scorer import load_tokenizer, model_window, resolve_device, resolve_dtype
+    from labelnext.ops.score.settings import on_for
     from labelnext.ops.score.inputs import encode
     from labelnext.ops.score.backend_vllm import vllm_available
     from labelnext.pipelines.config import ScoreConfig
@@ -304,6 +369,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     log("Scorer, transformers backend")
     row, hf_out = bench_scorer(base.model_copy(update={"backend": "transformers"}), texts, tokens, rounds, device, cpus)
     rows.append(row)
+    head = None
+    if not args.no_fused:
+        # The row above runs the device's default (auto: fused on GPU, not on CPU); this one the other path.
+        other = "off" if on_for("auto", device) else "on"
+        log(f"Scorer, transformers backend, score.fused_head={other}")
+        rows.append(bench_scorer(base.model_copy(update={"backend": "transformers", "fused_head": other}),
+                                 texts, tokens, rounds, device, cpus)[0])
+        log("fused head vs current path, head + entropy only")
+        head = bench_fused_head(model_dir, ids, device, resolve_dtype(base.dtype, device), rounds)
     log("independent reference (float32 logits, float64 Categorical entropy)")
     ref = reference_scores(model_dir, texts, model_window(model_dir, max_tokens), base.truncation, device)
     agreement = {f"Scorer transformers ({meta_dtype(base.dtype, device)} on {device}) vs reference": max_abs_diff(hf_out, ref)}
@@ -328,11 +402,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 dtype=meta_dtype(base.dtype, device), max_tokens=max_tokens,
                 docs=len(texts), source=source, tokens=tokens, rounds=rounds, load_before=load_before,
                 load_after=os.getloadavg()[0])
-    text = render(rows, agreement, meta)
+    text = render(rows, agreement, meta, head)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "agreement": agreement,
+        {"meta": meta, "agreement": agreement, "fused_head": head,
          "rows": [{**r.__dict__, "tokens_per_s": r.tokens_per_s} for r in rows]}, indent=2, default=str))
     print(text)
     return 0

@@ -168,7 +168,8 @@ def _random_head(rng, vocab: int, width: int, *, bias=False, scale=1.0, softcap=
     (300, Tiles(rows=1, vocab=1)),        # one entry per chunk: every step rescales
 ])
 @pytest.mark.parametrize("transform", [
-    {}, {"bias": True}, {"scale": 0.0625}, {"scale": 3.0, "bias": True}, {"softcap": 30.0}, {"softcap": 5.0, "bias": True},
+    {}, {"bias": True}, {"scale": 0.0625}, {"scale": 3.0, "bias": True}, {"softcap": 30.0},
+    {"softcap": 5.0, "bias": True},
 ])
 def test_fused_head_matches_float64_reference(vocab, tiles, transform):
     rng = np.random.default_rng(vocab)

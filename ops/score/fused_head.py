@@ -24,9 +24,9 @@ class Tiles:
     vocab: int
 
 
-# CPU: 1,024 x 4,096 float32 tiles (16 MB) were among the fastest for a 576-wide, 49,152-entry head on a 2-core
-# machine (512 x 8,192 and 2,048 x 2,048 alike; 256 x 1,024 was 2-4x slower: more, smaller matmuls).
-# GPU: 256 MB tiles, few kernel launches.
+# CPU: 1,024 x 4,096 float32 tiles (16 MB) for a 576-wide, 49,152-entry head on a shared 2-core machine: never
+# slower than 512 x 8,192 or 2,048 x 2,048 beyond the noise; 256 x 1,024 was 2-4x slower (more, smaller matmuls).
+# GPU: 256 MB tiles, few kernel launches (not yet measured against other shapes).
 CPU_TILES = Tiles(rows=1024, vocab=4096)
 GPU_TILES = Tiles(rows=8192, vocab=8192)
 

@@ -290,7 +290,7 @@ class Scorer:
         predicts = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
         predicts[last] = False
         targets = ids.roll(-1)[predicts]
-        if self.cfg.fused_head != "off":  # auto: measured faster on CPU too (bench/README.md)
+        if on_for(self.cfg.fused_head, self.device):
             entropy, nll = fused_entropy_nll(hidden.to(device)[predicts], targets, self.engine.head)
         else:
             entropy, nll = hidden_entropy_nll(hidden.to(device)[predicts], targets, head=self.engine.head,

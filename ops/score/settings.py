@@ -42,7 +42,8 @@ class ScoreConfig(StageSettings):
         "on for GPU (a packed bf16 forward measured 576k vs 410k tokens/s eager on one H200), off on CPU")
     fused_head: Literal["auto", "on", "off"] = Field(
         default="auto", description="output head and exact entropy computed together, the vocabulary in chunks "
-        "(no logit matrix in memory; same scores within float32 rounding); auto = on for GPU and CPU")
+        "(no logit matrix in memory; same scores within float32 rounding); auto = on for GPU, off on CPU (the "
+        "head and entropy measured level with the unfused path on a 2-core CPU)")
     cache_dir: Optional[str] = Field(default=None, description="where converted bundled/GGUF checkpoints are "
                                      "kept (default: ~/.cache/labelnext/models)")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1,
