@@ -5,12 +5,15 @@ Layout: ``OUTPUT/cache/embeddings/model=<slug>/part-<digest>.parquet`` with ``do
 later crashed are still valid and a rerun reuses them. Each file is named after the keys it holds, so a
 retried Ray task rewrites the same file instead of adding a copy.
 
-Lookup is a Ray Data left outer join of the accepted documents with the cache on (doc_id, text_hash): it
-runs distributed and the driver holds no keys. A key cached twice (two runs, or a crashed run's retry that
-batched differently, embedded the same document) is joined from one file only, the first by path, so a
-document never comes back twice. Without any cache file the join is skipped. The join reads
-and shuffles the whole cache (about 1.5 KB per cached document at 384 dimensions); the cache grows by the
-files of each run and is never compacted, so delete it (or a model's folder) to start over.
+Lookup is a left outer join of the accepted documents with the cache on (doc_id, text_hash), as a hash
+shuffle over plain Ray tasks: each block of documents and of cache rows is split by doc_id hash, and one
+task per partition joins its parts, so the driver holds object refs and no keys. No actor pool starts (Ray
+Data's join and groupby start a pool of aggregator actors per call: seconds of fixed cost, more than
+embedding a few thousand short documents afresh). A key cached twice (two runs, or a crashed run's retry
+that batched differently, embedded the same document) is joined from one file only, the first by path, so
+a document never comes back twice. Without any cache file the join is skipped. The join reads and shuffles
+the whole cache (about 1.5 KB per cached document at 384 dimensions); the cache grows by the files of each
+run and is never compacted, so delete it (or a model's folder) to start over.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from labelnext.ops.io import read as rd
 from labelnext.ops.io import storage
@@ -62,48 +66,32 @@ class EmbeddingCache:
         """(documents to embed, documents with cached vectors) from a dataset of ``columns`` + ``_text_hash``.
 
         The cached half has the embed stage's output columns: ``columns``, ``embedding`` as a tensor, node
-        and busy time.
+        and busy time. Both halves come back materialised.
         """
         import ray
-        from ray.data.expressions import col
 
         files = self.files()
         if not files:
             return docs, None
+        parts = max(1, min(256, math.ceil(n_docs / _ROWS_PER_JOIN_PARTITION)))
         cached = ray.data.read_parquet(
             files, filesystem=self.fs, columns=["doc_id", "text_hash", EMBEDDING], partitioning=None,
             include_paths=True)
-        partitions = max(1, min(256, math.ceil(n_docs / _ROWS_PER_JOIN_PARTITION)))
-        kept = self.kept_copies(files, partitions)
-        if kept is not None:
-            cached = cached.map_batches(_drop_other_copies, fn_kwargs={"kept": ray.put(kept)}, batch_format="pyarrow")
-        cached = cached.drop_columns(["path"]).rename_columns({"text_hash": TEXT_HASH})
-        joined = docs.join(cached, "left_outer", partitions, on=("doc_id", TEXT_HASH)).materialize()
-        misses = joined.filter(expr=col(EMBEDDING).is_null()).drop_columns([EMBEDDING])
-        hits = joined.filter(expr=~col(EMBEDDING).is_null()).map_batches(
-            _as_embedded, fn_kwargs={"columns": columns}, batch_format="numpy")
+        dim = pq.read_schema(files[0], filesystem=self.fs).field(EMBEDDING).type.list_size
+        split = ray.remote(_hash_split).options(num_returns=parts)
+        doc_parts = [split.remote(ref, parts) for ref in docs.to_arrow_refs()]
+        if not doc_parts:
+            return docs, None
+        cache_parts = [split.remote(ref, parts) for ref in cached.to_arrow_refs()]
+        if parts == 1:
+            doc_parts, cache_parts = [[p] for p in doc_parts], [[p] for p in cache_parts]
+        join = ray.remote(_join_partition).options(num_returns=2)
+        joined = [join.remote(len(doc_parts), dim, *[p[i] for p in doc_parts], *[p[i] for p in cache_parts])
+                  for i in range(parts)]
+        misses = ray.data.from_arrow_refs([m for m, _ in joined])
+        hits = ray.data.from_arrow_refs([h for _, h in joined]).map_batches(
+            _as_embedded, fn_kwargs={"columns": columns}, batch_format="pyarrow")
         return misses.materialize(), hits.materialize()
-
-    def kept_copies(self, files: list[str], partitions: int = 1) -> Optional[pa.Table]:
-        """(doc_id, text_hash, path): for each key that several cache files hold, the file whose copy is used.
-
-        None when every key is cached once (the usual case): a slim groupby over the keys finds out, and only
-        the repeated keys reach the driver.
-        """
-        import ray
-        from ray.data.expressions import col
-
-        keys = ray.data.read_parquet(files, filesystem=self.fs, columns=["doc_id", "text_hash"], partitioning=None,
-                                     include_paths=True)
-        counts = keys.select_columns(["doc_id", "text_hash"]).groupby(["doc_id", "text_hash"],
-                                                                       num_partitions=partitions).count()
-        repeated = _gather(counts.filter(expr=col("count()") > 1).select_columns(["doc_id", "text_hash"]))
-        if repeated.num_rows == 0:
-            return None
-        located = _gather(keys.map_batches(_rows_with_keys, fn_kwargs={"keys": ray.put(_key(repeated))},
-                                           batch_format="pyarrow"))
-        first = located.group_by(["doc_id", "text_hash"]).aggregate([("path", "min")])
-        return first.select(["doc_id", "text_hash", "path_min"]).rename_columns(["doc_id", "text_hash", "path"])
 
     def write(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data batch function after the encoder: store the new vectors, pass the batch on."""
@@ -123,47 +111,49 @@ class EmbeddingCache:
         return batch
 
 
-def _gather(ds) -> pa.Table:
+def _key(table: pa.Table, hash_column: str) -> pa.Array:
+    return pa.compute.binary_join_element_wise(table.column("doc_id"), table.column(hash_column), "\x1f")
+
+
+def _hash_split(table: pa.Table, parts: int):
+    """A block split by doc_id hash, so a document and every cached copy of it land in the same part."""
+    if parts == 1:
+        return table
+    import pandas as pd
+
+    part = pd.util.hash_array(table.column("doc_id").to_numpy(zero_copy_only=False)) % np.uint64(parts)
+    return tuple(table.filter(pa.array(part == p)) for p in range(parts))
+
+
+def _join_partition(n_doc_parts: int, dim: int, *parts: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(misses, hits) of one hash partition: the documents without a cached vector, and those with one.
+
+    A key cached by several files takes the copy of the first file by path: ``index_in`` answers the first
+    match, and the cache rows are sorted by path first.
+    """
+    docs = pa.concat_tables(parts[:n_doc_parts])
+    cached = [p for p in parts[n_doc_parts:] if p.num_rows]
+    cache = pa.concat_tables(cached).sort_by("path") if cached else _empty_cache(dim)
+    where = pa.compute.index_in(_key(docs, TEXT_HASH), value_set=_key(cache, "text_hash"))
+    found = pa.compute.is_valid(where)
+    hits = docs.filter(found).append_column(EMBEDDING, cache.column(EMBEDDING).take(where.filter(found)))
+    return docs.filter(pa.compute.invert(found)), hits
+
+
+def _empty_cache(dim: int) -> pa.Table:
+    return pa.table({"doc_id": pa.array([], pa.string()), "text_hash": pa.array([], pa.string()),
+                     EMBEDDING: pa.array([], pa.list_(pa.float32(), dim)), "path": pa.array([], pa.string())})
+
+
+def _as_embedded(batch: pa.Table, columns: list[str]) -> dict[str, np.ndarray]:
+    """Cached rows in the encoder's output shape: the vectors as one (rows, dim) array, no per-row work."""
     import ray
 
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(tables) if tables else pa.table({"doc_id": pa.array([], pa.string())})
-
-
-def _key(table: pa.Table) -> pa.Array:
-    return pa.compute.binary_join_element_wise(table.column("doc_id"), table.column("text_hash"), "\x1f")
-
-
-def _rows_with_keys(table: pa.Table, keys) -> pa.Table:
-    if not isinstance(keys, pa.Array):
-        import ray
-
-        keys = ray.get(keys)
-    return table.filter(pa.compute.is_in(_key(table), value_set=keys))
-
-
-def _drop_other_copies(table: pa.Table, kept) -> pa.Table:
-    """Cache rows, less the copies of repeated keys that ``kept`` does not name."""
-    if not isinstance(kept, pa.Table):
-        import ray
-
-        kept = ray.get(kept)
-    where = pa.compute.index_in(_key(table), value_set=_key(kept))
-    kept_path = kept.column("path").take(where)
-    other = pa.compute.fill_null(pa.compute.not_equal(table.column("path"), kept_path), False)
-    return table.filter(pa.compute.invert(other))
-
-
-def _as_embedded(batch: dict[str, np.ndarray], columns: list[str]) -> dict[str, np.ndarray]:
-    """Cached rows in the encoder's output shape."""
-    import ray
-
-    vectors = batch[EMBEDDING]
-    if vectors.dtype == object:
-        vectors = np.stack(vectors) if len(vectors) else np.zeros((0, 1), np.float32)
-    n = len(batch["doc_id"])
-    out = {name: batch[name] for name in columns}
-    out[EMBEDDING] = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = batch.num_rows
+    vectors = batch.column(EMBEDDING).combine_chunks()
+    out = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns}
+    out[EMBEDDING] = np.ascontiguousarray(
+        vectors.flatten().to_numpy(zero_copy_only=False).reshape(n, vectors.type.list_size), dtype=np.float32)
     out[NODE_ID] = np.full(n, ray.get_runtime_context().get_node_id(), dtype=object)
     out[ACTOR_ID] = np.full(n, "", dtype=object)  # read from the cache: no encoder actor
     out[BUSY_S] = np.zeros(n, dtype=np.float64)
