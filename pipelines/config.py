@@ -110,6 +110,19 @@ class RayConfig(_Section):
     include_dashboard: Optional[bool] = Field(
         default=None, description="local Ray only: start the dashboard; unset: Ray's default (on when its packages "
         "are installed); false saves a second or two and a process per run where nobody watches it")
+    spill_dir: Optional[str] = Field(
+        default=None, description="local Ray only: local directory Ray spills objects to when its object store is "
+        "full; unset: Ray's temporary directory (RAY_TMPDIR, else the system's)")
+    object_store_memory: Optional[int] = Field(
+        default=None, ge=78_643_200, description="local Ray only: object store size in bytes (at least 75 MiB); "
+        "unset: Ray's default (30% of the machine's memory)")
+    spill_headroom: float = Field(
+        default=2.0, gt=0, description="local Ray only: copies of the corpus's vectors the run may hold at once "
+        "(the embed output and the cluster assignment overlap); the run stops before any compute when the object "
+        "store plus the spill directory's free disk cannot hold rows x dim x 4 bytes x this")
+    assumed_dim: int = Field(
+        default=384, gt=0, description="embedding dimension the spill preflight assumes when neither "
+        "input.embedding_column nor the encoder's files give one")
 
 
 class RunConfig(_Section):

@@ -24,6 +24,7 @@ from labelnext.ops.core.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, D
 from labelnext.ops.core.contract import StageContract
 from labelnext.ops.core.instrument import BUSY_S, NODE_ID
 from labelnext.ops.core.quiet import quiet_third_party, worker_env
+from labelnext.pipelines import spill
 from labelnext.pipelines.config import RunConfig
 from labelnext.pipelines.ray_quiet import quiet_ray_driver
 from labelnext.pipelines.telemetry import count_driver_rows
@@ -374,6 +375,7 @@ def init_ray(cfg: RunConfig) -> None:
             kwargs["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.include_dashboard is not None:
             kwargs["include_dashboard"] = cfg.ray.include_dashboard
+        kwargs.update(spill.init_kwargs(cfg.ray))
     interactive = sys.stderr.isatty()
     quiet_ray_driver(progress_bars=interactive)
     ray.init(**kwargs)

@@ -32,7 +32,7 @@ from labelnext.ops.core.instrument import ACTOR_ID, BUSY_S, NODE_ID
 from labelnext.ops.io.storage import RunLayout, display_uri, filesystem_for
 from labelnext.ops.select.task_model import TaskModel
 from labelnext.pipelines import dataflow as flow
-from labelnext.pipelines import ledger, paths
+from labelnext.pipelines import ledger, paths, spill
 from labelnext.pipelines import read_stage as rs
 from labelnext.pipelines.commit import RunWriter
 from labelnext.pipelines.config import RunConfig
@@ -158,6 +158,7 @@ class SelectionPipeline:
                 raise rd.CorpusError(f"corpus {display_uri(self.req.corpus, path)} is empty (0 rows in {len(files)} files)")
             encoder_dim = iv.encoder_dimension(self.cfg.embed.model) if cfg.embedding_column else None
             dim = rd.vector_dimension(fs, infos, cfg, encoder_dim, prefix)
+            spill.preflight(self.cfg.ray, total, dim or iv.encoder_dimension(self.cfg.embed.model))  # before compute
             excluded = rs.exclusions(self.cfg, self.layout.output, self.req.ref(), self.loop.hashes())
             tasks = rd.read_tasks(infos)  # runs of row groups: a big file is read by several tasks
             marked, keys, scan = rs.validated(fs, tasks, self.cfg, prefix, dim, excluded, total)
