@@ -316,7 +316,7 @@ class SelectionPipeline:
                             per_actor.column(ACTOR_ID).to_pylist(), per_actor.column("n_tokens_sum").to_pylist(),
                             per_actor.column(f"{BUSY_S}_sum").to_pylist())}
             st.extra["truncated_docs"] = int(pa.compute.sum(scored.column("truncated").cast(pa.int64())).as_py() or 0)
-            st.extra["backend"] = sc.choose_backend(score_cfg.backend)
+            st.extra["backend"] = sc.choose_backend(score_cfg.backend, choices=bool(score_cfg.task.choices))
             st.extra["prompt"] = ("plain text" if not score_cfg.prompted else
                                   f"{len(score_cfg.task.choices)} choices" if score_cfg.task.choices else "generative")
         self.counts["candidates_scored"] = st.docs

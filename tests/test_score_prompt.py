@@ -209,3 +209,13 @@ def test_choices_default_to_the_classes_of_the_labels():
     assert loop.score_settings(named.score).task.choices == ["x", "y"]  # the config's names win
     plain = load_config(None, [])
     assert loop.score_settings(plain.score) is plain.score  # plain-text scoring has no choices
+
+
+def test_auto_backend_reuses_the_prompt_for_choices(monkeypatch):
+    from labelnext.ops.score import backend_vllm
+    from labelnext.ops.score.scorer import choose_backend
+
+    monkeypatch.setattr(backend_vllm, "vllm_available", lambda: True)
+    assert choose_backend("auto") == "vllm"  # plain text and generative prompts: vLLM when importable
+    assert choose_backend("auto", choices=True) == "transformers"  # the prompt once, the choices after it
+    assert choose_backend("vllm", choices=True) == "vllm"  # an explicit backend is kept

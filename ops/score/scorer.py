@@ -68,9 +68,14 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
     return getattr(torch, dtype)
 
 
-def choose_backend(backend: str) -> str:
+def choose_backend(backend: str, choices: bool = False) -> str:
+    """``score.backend`` resolved: auto = transformers for a task prompt with choices (each prompt runs once and
+    its choices after it; vLLM's token-wise pooling runs every prompt + choice sequence whole), else vllm when
+    importable."""
     if backend != "auto":
         return backend
+    if choices:
+        return "transformers"
     from labelnext.ops.score.backend_vllm import vllm_available
 
     return "vllm" if vllm_available() else "transformers"
@@ -157,7 +162,7 @@ class Scorer:
         self.tokenize = ScoreTokenizer(self.model_dir, cfg)
         self.tokenizer, self.window = self.tokenize.tokenizer, self.tokenize.window
         self.batch_tokens = batch_tokens_for(cfg, self.device)
-        self.backend = choose_backend(cfg.backend)
+        self.backend = choose_backend(cfg.backend, choices=bool(cfg.task.prompted and cfg.task.choices))
         self.engine = self._build_engine()
         chunk_bytes = _CPU_LOGIT_CHUNK_BYTES if self.device == "cpu" else _GPU_LOGIT_CHUNK_BYTES
         self.chunk = max(16, chunk_bytes // (4 * self.engine.head.vocab_size))

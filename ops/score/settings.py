@@ -20,7 +20,7 @@ class ScoreConfig(StageSettings):
     """``score``: the scoring LLM, what it is told, its backend and batching (placement: ``resources.score``)."""
 
     backend: Literal["auto", "vllm", "transformers"] = Field(
-        default="auto", description="scoring engine; auto = vllm when importable, else transformers")
+        default="auto", description="scoring engine; auto = vllm when importable, else transformers, and transformers for a task prompt with choices (it runs each prompt once and the choices after it)")
     model: str = Field(default=BUNDLED_LLM, description="a bundled:NAME, a local checkpoint folder or a GGUF file, "
                        "or a hub id already in the local hub cache (no downloads at run time)")
     task: TaskPrompt = Field(default_factory=TaskPrompt, description="the task the model is told (score.task.*)")
