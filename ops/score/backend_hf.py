@@ -141,7 +141,7 @@ class HFBackend:
             # parts[g]: the prompt's last position, then per choice its own positions; reorder choice-major.
             for g, prompt_parts in enumerate(parts):
                 pieces = []
-                for c, tail in enumerate(tails):
+                for c in range(len(tails)):
                     pieces += [last[g:g + 1], prompt_parts[1 + c]]
                 out.append(torch.cat(pieces))
         return out

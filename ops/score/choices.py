@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import numpy as np
 
-from labelnext.ops.core.columns import LLM_COLUMNS, LLM_LABEL, LLM_MARGIN, LLM_PROBS
+from labelnext.ops.core.columns import LLM_LABEL, LLM_MARGIN, LLM_PROBS
 from labelnext.ops.score.entropy import hidden_entropy_nll
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import torch
 
-CHOICE_COLUMNS = LLM_COLUMNS
 
 
 def choice_targets(prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]]):

@@ -30,7 +30,7 @@ from labelnext.ops.score.fused_head import fused_entropy_nll
 from labelnext.ops.core.model_prep import prepare_model, resolve_device
 from labelnext.ops.score.inputs import bos_prefix, encode, text_token_ids
 from labelnext.ops.score.prompt import PromptFormat
-from labelnext.ops.core.columns import DOC_ID, SCORE_COLUMNS, SCORE_IDS, SCORE_TRUNCATED, TEXT
+from labelnext.ops.core.columns import DOC_ID, LLM_COLUMNS, SCORE_COLUMNS, SCORE_IDS, SCORE_TRUNCATED, TEXT
 from labelnext.ops.core.contract import StageContract
 from labelnext.ops.score.settings import ScoreConfig, batch_tokens_for, on_for
 
@@ -53,7 +53,7 @@ _GROUP_CHUNKS = 4
 
 def score_columns(cfg: ScoreConfig) -> tuple[str, ...]:
     """The columns the Scorer adds under ``cfg``."""
-    return SCORE_COLUMNS + (ch.CHOICE_COLUMNS if cfg.task.prompted and cfg.task.choices else ())
+    return SCORE_COLUMNS + (LLM_COLUMNS if cfg.task.prompted and cfg.task.choices else ())
 
 
 def contract_for(cfg: ScoreConfig) -> StageContract:
