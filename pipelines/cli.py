@@ -164,6 +164,21 @@ def report(
 
 
 @app.command()
+def history(
+    output: str = typer.Argument(..., help="the output folder or s3:// prefix the nightly runs write to"),
+) -> None:
+    """Print the label loop's learning curve (audited accuracy and macro-F1 per night) and the rules' shares."""
+    from labelnext.ops.io.objects import StorageError
+    from labelnext.pipelines.report.history_table import load_history, print_history
+
+    try:
+        hist = load_history(output)
+    except (FileNotFoundError, ValueError, StorageError, OSError) as exc:
+        fail(one_line(exc), code=1)
+    print_history(hist, out)
+
+
+@app.command()
 def export(
     run_uri: str = typer.Argument(..., help="a committed run's folder or s3:// prefix"),
     format_: str = typer.Option(..., "--format", help="label-studio | argilla | jsonl"),

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from labelnext.ops.io import storage
 from labelnext.ops.io.objects import StorageError
-from labelnext.pipelines import ledger
+from labelnext.pipelines import history, ledger
 from labelnext.pipelines.run_lock import RunClaim
 from labelnext.ops.io.storage import RunLayout
 from labelnext.pipelines.config import RunConfig
@@ -107,6 +107,8 @@ class RunWriter:
         self.attempt = self.claim.attempt
         self.started_at = dt.datetime.now(dt.timezone.utc)
         self.ledger_entry: dict[str, Any] | None = None
+        self.history_table: pa.Table | None = None  # the label loop's history (pipelines/history.py), if any
+        self.history_entry: dict[str, Any] | None = None
         self.written: list[str] = []  # every file of the run folder this attempt wrote, in write order
         self.report_view = None  # what report.html shows about the selection, gathered in write_outputs
 
@@ -123,6 +125,7 @@ class RunWriter:
             log.info("run %s exists: replacing it", self.layout.uri())
             self.layout.objects.delete(manifest)
         ledger.delete_entry(self.layout)
+        history.delete_entry(self.layout)
         self.layout.objects.delete_prefix(self.layout.prefix)
 
     def close(self) -> None:
@@ -172,7 +175,9 @@ class RunWriter:
                 "source_file": pa.array([], pa.string()), "row": pa.array([], pa.int64())}))
         if self.cfg.output.ledger:
             self.claim.refresh()
-            self.ledger_entry = ledger.write_entry(layout, selected.column("doc_id"), self.attempt)
+            self.ledger_entry = ledger.write_entry(layout, selected, self.attempt)
+            if self.history_table is not None:
+                self.history_entry = history.write_entry(layout, self.history_table, self.attempt)
         self.report_view = self._report_view(selected, scores, assigned, centroids, sizes, candidate_texts,
                                              corpus_texts)
 
@@ -234,6 +239,7 @@ class RunWriter:
             "corpus": self.corpus,
             "files": files,
             "ledger": self.ledger_entry,
+            "history": self.history_entry,
             "counts": counts,
             "task_model": task_model,  # the nightly label loop; None on a cold start
             "config": self.cfg.model_dump(mode="json"),

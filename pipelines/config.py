@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from labelnext.ops.cluster.candidates import CandidatesConfig
 from labelnext.ops.cluster.kmeans import ClusterConfig
@@ -144,6 +144,15 @@ class RunConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig,
         description="object store endpoint, encryption, retries and run claims")
     ray: RayConfig = Field(default_factory=RayConfig, description="which Ray to join or start")
+
+    @field_validator("select")
+    @classmethod
+    def _llm_rule_needs_a_task(cls, v: SelectConfig, info: ValidationInfo) -> SelectConfig:
+        score = info.data.get("score")
+        if "llm" in v.rules and score is not None and not score.task.prompted:
+            raise ValueError("select.rules has the llm rule, which needs the task prompt: set score.task.template "
+                             "(its choices default to the classes of input.labels)")
+        return v
 
     @field_validator("input")
     @classmethod

@@ -22,6 +22,7 @@ from labelnext.ops.cluster.kmeans import rand_keys, train_kmeans
 from labelnext.ops.cluster.candidates import CandidatePlan, block_candidates, merge_candidates
 from labelnext.ops.core.columns import CANDIDATE_REASON, CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, RAND_KEY
 from labelnext.ops.core.contract import StageContract
+from labelnext.ops.select import audit
 from labelnext.ops.core.instrument import BUSY_S, NODE_ID
 from labelnext.ops.core.quiet import quiet_third_party, worker_env
 from labelnext.pipelines import spill
@@ -390,3 +391,28 @@ def init_ray(cfg: RunConfig) -> None:
     ctx.enable_progress_bars = interactive
     if not interactive:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+# -- the audit sample: a uniform draw over every assigned document, merged on the cluster ---------------------
+def audit_sample(assigned, n: int, salt: bytes, columns: list[str]) -> pa.Table:
+    """The ``n`` documents of ``assigned`` with the smallest audit keys (a uniform sample), ``columns`` of their
+    rows, in draw order. Each block keeps its ``n`` smallest, one task merges them, and only the ``n`` rows reach
+    the driver."""
+    import ray
+
+    partial = assigned.select_columns([DOC_ID]).map_batches(
+        audit.block_smallest, fn_kwargs={"n": n, "salt": salt}, batch_format="pyarrow")
+    drawn = ray.get(ray.remote(_smallest_of).remote(n, *partial.to_arrow_refs()))
+    count_driver_rows(drawn.num_rows)
+    if drawn.num_rows == 0:
+        return pa.table({})
+    rows = rows_for_ids(assigned, drawn.column(DOC_ID), list(dict.fromkeys((DOC_ID, *columns))))
+    order = pa.compute.index_in(drawn.column(DOC_ID), value_set=rows.column(DOC_ID))
+    return rows.take(order)
+
+
+def _smallest_of(n: int, *tables: pa.Table) -> pa.Table:
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({DOC_ID: pa.array([], pa.string()), audit.AUDIT_KEY: pa.array([], pa.uint64())})
+    return audit.smallest(pa.concat_tables(tables).combine_chunks(), n)

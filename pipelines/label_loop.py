@@ -12,8 +12,12 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from labelnext.ops.core.columns import DOC_ID, EMBEDDING, ID_HASH, MARGIN, PREDICTED_LABEL, TEXT, TEXT_HASH
+from labelnext.ops.core.instrument import ACTOR_ID, BUSY_S, NODE_ID
+from labelnext.ops.select.audit import audit_salt
+from labelnext.ops.select.split import rules_picked, select_split
 from labelnext.ops.embed.cache import EmbeddingCache, add_text_hash
 from labelnext.ops.io import labels as lb
 from labelnext.ops.io import read as rd
@@ -21,10 +25,13 @@ from labelnext.ops.io.storage import RunLayout
 from labelnext.ops.select import selector as sel
 from labelnext.ops.select.task_model import TaskModel, cross_validated_accuracy
 from labelnext.pipelines import dataflow as flow
+from labelnext.pipelines import history
 from labelnext.pipelines.commit import RunWriter
 from labelnext.pipelines.config import RunConfig
 from labelnext.pipelines.cost import CostLedger
 from labelnext.pipelines.embed_stage import embed_pool
+from labelnext.pipelines.ledger import RunRef
+from labelnext.pipelines.loop_plan import LoopPlan, plan_night
 from labelnext.pipelines.placement import Placement
 
 log = logging.getLogger("labelnext")
@@ -41,6 +48,8 @@ class LabelLoop:
         self.labels: Optional[lb.LabelSet] = None  # None on a cold start
         self.labelled_rows = None  # labelled documents of tonight's corpus (held back from the selection)
         self.info: Optional[dict[str, Any]] = None  # the task model's record for the manifest
+        self.plan: Optional[LoopPlan] = None  # tonight's split between select.rules and the audit's size
+        self.audit: Optional[pa.Table] = None  # tonight's audit sample (rows of the assigned dataset)
 
     def read_labels(self) -> Optional[lb.LabelSet]:
         """The labels so far, one row per labelled document (driver-side, like the ledger's ids)."""
@@ -89,6 +98,8 @@ class LabelLoop:
             if classes.size >= 2:
                 model = TaskModel.fit(train.x, train.y, c=cfg.c)
                 accuracy, folds = cross_validated_accuracy(train.x, train.y, cfg)
+            self.plan = plan_night(self.cfg, self.layout.output, RunRef(self.layout.run_date, self.layout.run_id),
+                                   labels, train if model is not None else None)
         st.extra["task_model_s"] = round(st.wall_s, 3)
         self.counts.update(label_rows=labels.rows, null_labels=labels.null_labels,
                            duplicate_labels=labels.duplicate_labels, labelled_docs=len(labels),
@@ -110,11 +121,55 @@ class LabelLoop:
                  f"{accuracy:.3f} ({folds} folds)" if accuracy is not None else no_accuracy_reason(train.y))
         return model
 
+    def draw_audit(self, assigned, budget: int, candidates: pa.Table) -> pa.Table:
+        """Draw tonight's audit sample (``select.audit_share`` of the budget, uniform over every eligible
+        document) and return the candidates without it."""
+        n = self.plan.audit_size(budget) if self.plan is not None else 0
+        if n == 0:
+            return candidates
+        columns = [c for c in flow.columns_of(assigned) if c not in {TEXT, NODE_ID, BUSY_S, ACTOR_ID}]
+        self.audit = flow.audit_sample(assigned, n, audit_salt(self.cfg.select.seed, self.layout.run_date), columns)
+        log.info("select: %d audit documents, a uniform sample of the %d eligible (select.audit_share %g)",
+                 self.audit.num_rows, self.counts.get("accepted_docs", 0), self.cfg.select.audit_share)
+        if not candidates.num_rows or not self.audit.num_rows:
+            return candidates
+        return candidates.filter(pc.invert(pc.is_in(candidates.column(DOC_ID), value_set=self.audit.column(DOC_ID))))
+
+    def select(self, scored: pa.Table, sizes: np.ndarray, budget: int) -> pa.Table:
+        """The selection: with a task model the audit sample and each of ``select.rules`` its share
+        (``ops/select/split.py``); on a cold start ``select.rule`` alone."""
+        selector = sel.Selector(self.cfg.select, label_counts=self.label_counts())
+        if self.plan is None or MARGIN not in scored.column_names:
+            return selector.select(scored, sizes, budget)
+        audit = self.audit if self.audit is not None and self.audit.num_rows else None
+        counts = self.plan.counts(budget - (audit.num_rows if audit is not None else 0))
+        return select_split(scored, sizes, counts, self.cfg.select, self.label_counts(), audit)
+
+    def history_table(self) -> Optional[pa.Table]:
+        """Tonight's history entry: the earlier nights as the labels judge them and tonight's split."""
+        if self.plan is None:
+            return None
+        ref = RunRef(self.layout.run_date, self.layout.run_id)
+        split = history.split_rows(ref, self.plan.shares, self.plan.planned, self.plan.evidence,
+                                   ref.run_date) if self.plan.planned else []
+        return history.as_table([*self.plan.nights, *split])
+
+    def wants_llm(self) -> bool:
+        """Whether the score stage runs: on a cold start when the rule reads the LLM; with a task model only
+        when ``select.llm_with_labels`` asks for it or ``select.rules`` has the llm rule."""
+        cfg = self.cfg.select
+        if self.info is not None and self.info.get("status") == "trained":
+            return (sel.uses_llm(cfg) and cfg.llm_with_labels) or "llm" in cfg.rules
+        return sel.uses_llm(cfg)
+
     def record(self, writer: RunWriter, task: Optional[TaskModel], selected: pa.Table) -> None:
-        """Save the task model next to the run's outputs; note the selection's predicted labels."""
+        """Save the task model next to the run's outputs; note the selection's predicted labels and rules."""
         if self.info is None:
             return
         self.info["selected_predicted_counts"] = lb.label_counts(selected.column(PREDICTED_LABEL))
+        self.info["selected_by_rule"] = rules_picked(selected)
+        if self.plan is not None:
+            self.info["loop"] = self.plan.summary()
         if task is not None:
             writer.write_table(TASK_MODEL_FILE, task.to_table())
             self.info["file"] = TASK_MODEL_FILE
@@ -128,6 +183,8 @@ class LabelLoop:
         return score.model_copy(update={"task": task.model_copy(update={"choices": sorted(counts)})})
 
     def llm_decision(self) -> str:
+        if "llm" in self.cfg.select.rules:
+            return "on: select.rules has the llm rule (its choice entropy and disagreement rank its share)"
         if not sel.uses_llm(self.cfg.select):
             return f"off: select.rule {self.cfg.select.rule} scores nothing"
         if self.cfg.select.llm_with_labels:
@@ -138,7 +195,7 @@ class LabelLoop:
 
     def llm_skipped(self) -> bool:
         info = self.info
-        return info is not None and info.get("status") == "trained" and not self.cfg.select.llm_with_labels
+        return info is not None and info.get("status") == "trained" and not self.wants_llm()
 
     def _label_vectors(self, placement: Placement) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """Vectors of the labelled documents (label-sized on the driver) and how many came from where.
@@ -203,7 +260,11 @@ def selection_rule(cfg: sel.SelectConfig, columns: list[str]) -> str:
     """The rule that chooses the selection: with a task model its margin ranks, whatever ``select.rule`` says."""
     if MARGIN not in columns:
         return f"rule {cfg.rule}"
+    if len(cfg.rules) > 1 or cfg.rules != ["cluster_margin"]:
+        audit = f"an audit of select.audit_share {cfg.audit_share:g}, then " if cfg.audit_share else ""
+        return f"{audit}select.rules {', '.join(cfg.rules)} with the task model's margin"
     entropy = " and the LLM's entropy on near-ties" if cfg.llm_with_labels and "uncertainty" in columns else ""
+    entropy += f"; an audit of select.audit_share {cfg.audit_share:g} first" if cfg.audit_share else ""
     if cfg.rule in ("entropy_only", "round_robin"):
         return f"rule {cfg.rule} over the task model's margin{entropy}"
     return (f"Cluster-Margin: the task model's margin{entropy} within cluster quotas "

@@ -56,10 +56,17 @@ def entry_dir(layout: RunLayout) -> str:
     return layout.output.path(f"{LEDGER_DIR}/{layout.label}")
 
 
-def write_entry(layout: RunLayout, doc_ids: pa.Array, attempt: str) -> dict[str, Any]:
-    """Write this attempt's selected ids; returns the manifest entry (path relative to the output root)."""
+LEDGER_COLUMNS = ("doc_id", "rule", "predicted_label")  # the rule and the task model's prediction: the history
+
+
+def write_entry(layout: RunLayout, selected: pa.Table, attempt: str) -> dict[str, Any]:
+    """Write this attempt's selected ids, each with the rule that picked it and the task model's prediction;
+    returns the manifest entry (path relative to the output root)."""
     path = f"{entry_dir(layout)}/part-{attempt}.parquet"
-    storage.write_parquet(layout.fs, path, pa.table({"doc_id": pa.array(doc_ids, pa.string())}))
+    n = selected.num_rows
+    columns = {name: (selected.column(name).cast(pa.string()) if name in selected.column_names
+                      else pa.nulls(n, pa.string())) for name in LEDGER_COLUMNS}
+    storage.write_parquet(layout.fs, path, pa.table(columns))
     return storage.file_entry(layout.fs, path, path[len(layout.output.root) + 1:])
 
 
@@ -76,7 +83,7 @@ def manifests(output: OutputRoot, refs: list[RunRef]) -> list[Optional[dict[str,
         return list(pool.map(lambda p: storage.read_json(output.fs, p), paths))
 
 
-def _ledger_files(output: OutputRoot) -> dict[RunRef, list[str]]:
+def ledger_files(output: OutputRoot) -> dict[RunRef, list[str]]:
     out: dict[RunRef, list[str]] = {}
     for path in storage.list_files(output.fs, output.path(LEDGER_DIR)):
         match = _LABEL.search(path[len(output.root):])
@@ -87,7 +94,7 @@ def _ledger_files(output: OutputRoot) -> dict[RunRef, list[str]]:
 
 def ledger_hashes(output: OutputRoot, current: RunRef) -> tuple[np.ndarray, list[RunRef]]:
     """Id hashes selected by committed runs dated before ``current``, and which runs they came from."""
-    by_run = _ledger_files(output)
+    by_run = ledger_files(output)
     refs = sorted(ref for ref in by_run if ref.run_date < current.run_date)
     committed, files = [], []
     for ref, manifest in zip(refs, manifests(output, refs)):
@@ -96,10 +103,20 @@ def ledger_hashes(output: OutputRoot, current: RunRef) -> tuple[np.ndarray, list
         if path in by_run[ref]:
             committed.append(ref)
             files.append(path)
-    if not files:
+    tables, unreadable = [], []
+    for ref, path in zip(list(committed), files):
+        try:
+            with output.fs.open_input_file(path) as fh:
+                tables.append(pq.read_table(fh, columns=["doc_id"]))
+        except (OSError, pa.ArrowInvalid, KeyError) as exc:
+            unreadable.append(f"{ref.label} ({str(exc).splitlines()[0][:120]})")
+            committed.remove(ref)
+    if unreadable:
+        log.warning("ledger: %d committed night(s) with an unreadable ledger file exclude nothing: %s",
+                    len(unreadable), "; ".join(unreadable[:3]))
+    if not tables:
         return np.empty(0, np.uint64), committed
-    table = pq.read_table(files, filesystem=output.fs, columns=["doc_id"])
-    return _hashes(table.column("doc_id")), committed
+    return _hashes(pa.concat_tables(tables).column("doc_id")), committed
 
 
 def user_hashes(uri: str, column: str, cfg: StorageConfig) -> np.ndarray:

@@ -125,8 +125,10 @@ class SelectionPipeline:
             del embedded  # from here the assigned dataset is the one corpus-sized dataset in the object store
             candidates = self.candidates(clusters)
             self.counts["candidates"] = candidates.num_rows
+            candidates = self.loop.draw_audit(clusters.assigned, self.req.budget, candidates)
             scored = self.score(candidates, texts, placement)
             selected = self.select(scored, clusters.sizes)
+            writer.history_table = self.loop.history_table()
             self.write(writer, selected, scored, clusters, rejected, texts)
             self.loop.record(writer, task, selected)
             return self.commit(writer, texts)
@@ -282,7 +284,7 @@ class SelectionPipeline:
         """The LLM's uncertainty for every candidate. The text is read back from the corpus for the candidates
         alone, on the cluster, and never reaches the driver; only the scores come back."""
         p = placement.score
-        if not sel.uses_llm(self.cfg.select) or candidates.num_rows == 0 or self.loop.llm_skipped():
+        if not self.loop.wants_llm() or candidates.num_rows == 0:
             self.counts["candidates_scored"] = 0
             return candidates
         from labelnext.ops.score import scorer as sc
@@ -328,8 +330,7 @@ class SelectionPipeline:
         if scored.num_rows:
             self._check(contract, scored)
         with self.ledger.stage("select", cpus=1) as st:
-            selected = sel.Selector(self.cfg.select, label_counts=self.loop.label_counts()).select(
-                scored, sizes, self.req.budget)
+            selected = self.loop.select(scored, sizes, self.req.budget)
             st.docs = selected.num_rows
         self._check(contract, selected, output=True)
         self.counts["selected"] = selected.num_rows

@@ -185,7 +185,7 @@ def test_rerun_clears_the_old_attempt_manifest_first(tmp_path):
     layout = storage.RunLayout.create(str(tmp_path), "2026-11-25", "r", cfg.storage)
     storage.write_json(layout.objects, layout.path(MANIFEST), {"status": "committed"})
     storage.write_parquet(layout.fs, layout.path("selected/part-old.parquet"), pa.table({"doc_id": ["a"]}))
-    ledger.write_entry(layout, pa.array(["a"]), "old")
+    ledger.write_entry(layout, pa.table({"doc_id": ["a"]}), "old")
     writer = RunWriter(layout, cfg)
     writer.begin()
     try:
@@ -202,7 +202,7 @@ def test_rerun_clears_the_old_attempt_manifest_first(tmp_path):
 def _commit_fake_run(output: storage.OutputRoot, run_date: str, run_id: str, ids: list[str],
                      committed: bool = True, committed_at: str = "2026-11-25T00:00:00") -> None:
     layout = output.run(run_date, run_id)
-    entry = ledger.write_entry(layout, pa.array(ids), "attempt1")
+    entry = ledger.write_entry(layout, pa.table({"doc_id": pa.array(ids)}), "attempt1")
     storage.write_parquet(layout.fs, layout.path("centroids.parquet"), pa.table({
         "cluster_id": pa.array([0, 1], pa.int32()), "size": pa.array([1, 1], pa.int64()),
         "centroid": pa.array([[1.0, 0.0], [0.0, 1.0]], pa.list_(pa.float32(), 2))}))
@@ -226,7 +226,7 @@ def test_ledger_counts_only_committed_runs_dated_before_the_current_one(output_r
     _commit_fake_run(output_root, "2026-11-26", "next", ["d5"])
     _commit_fake_run(output_root, "2026-11-25", "other", ["d6"])
     # An attempt that lost its claim may still write an entry; only the one the manifest names counts.
-    ledger.write_entry(output_root.run("2026-11-23", "a"), pa.array(["zombie"]), "attempt2")
+    ledger.write_entry(output_root.run("2026-11-23", "a"), pa.table({"doc_id": ["zombie"]}), "attempt2")
     hashes, runs = ledger.ledger_hashes(output_root, ledger.RunRef("2026-11-25", "me"))
     assert runs == [ledger.RunRef("2026-11-23", "a")]
     assert np.array_equal(hashes, np.unique(id_hash(["d1", "d2"])))

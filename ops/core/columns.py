@@ -33,7 +33,8 @@ LLM_MARGIN = "llm_margin"  # top-1 minus top-2 choice probability
 LLM_PROBS = "llm_probs"  # list<float32>, in score.task.choices order
 LLM_COLUMNS = (LLM_LABEL, LLM_MARGIN, LLM_PROBS)
 # select
+RULE = "rule"  # the rule that picked a selected document: "audit", one of select.rules, or "cold_start"
 SELECTED_COLUMNS = (
     "doc_id", "rank", "cluster_id", "cluster_size", "uncertainty", "nll", "n_tokens",
-    "distance_to_centroid", "reason", "predicted_label", "margin",
+    "distance_to_centroid", "reason", "predicted_label", "margin", RULE,
 )

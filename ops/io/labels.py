@@ -187,6 +187,7 @@ class TrainingSet:
     x: np.ndarray  # [n, d] float32
     y: np.ndarray  # [n] str
     without_embedding: int  # labelled ids with no vector in tonight's corpus or the cache
+    ids: Optional[np.ndarray] = None  # [n] str: the doc_id of each row
 
 
 def training_set(labels: LabelSet, vectors: dict[str, np.ndarray], max_labels: Optional[int] = None,
@@ -202,7 +203,8 @@ def training_set(labels: LabelSet, vectors: dict[str, np.ndarray], max_labels: O
     dim = next(iter(vectors.values())).shape[-1] if vectors else 0
     x = np.stack([vectors[ids[i]] for i in found]).astype(np.float32) if found else np.zeros((0, dim), np.float32)
     return TrainingSet(x, np.asarray([ys[i] for i in found], dtype=str),
-                       without_embedding=len(ids) - sum(1 for d in ids if d in vectors))
+                       without_embedding=len(ids) - sum(1 for d in ids if d in vectors),
+                       ids=np.asarray([ids[i] for i in found], dtype=str))
 
 
 def collect_columns(batches, names: tuple[str, ...]) -> dict[str, list | np.ndarray]:

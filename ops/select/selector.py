@@ -30,8 +30,8 @@ import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
 from labelnext.ops.cluster.candidates import proportional_quotas, seeded_ranks, weighted_by_distance
-from labelnext.ops.core.columns import (CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, MARGIN, PREDICTED_LABEL, RAND_KEY,
-                                   SCORE_COLUMNS, SELECTED_COLUMNS, LLM_COLUMNS)
+from labelnext.ops.core.columns import (CLUSTER_ID, DISTANCE, DOC_ID, EMBEDDING, LLM_COLUMNS, MARGIN, PREDICTED_LABEL,
+                                        RAND_KEY, RULE, SCORE_COLUMNS, SELECTED_COLUMNS)
 from labelnext.ops.core.contract import StageContract
 from labelnext.ops.select.llm_labels import LLM_LABEL, disagreement, fill_spreading_labels, label_names
 from labelnext.ops.select.near_duplicates import NearDuplicates, embedding_matrix, near_duplicates
@@ -87,9 +87,32 @@ class SelectConfig(StageSettings):
         default=0.0, ge=0, description="with labels and llm_with_labels, a candidate whose LLM label "
         "(score.task.choices) differs from the task model's predicted label ranks as if its margin were this "
         "much smaller (0: off; bench/quality.py --task --rounds measures it)")
+    audit_share: float = Field(
+        default=0.05, ge=0, lt=0.5, description="with a task model, the share of the budget drawn as a uniform "
+        "random sample of the eligible documents (rule 'audit' in selected/); once labelled, the next night scores "
+        "the task model that existed before them on them: an unbiased accuracy and macro-F1 with an interval "
+        "(0: no audit, no learning curve, and select.rules cannot follow the evidence)")
+    audit_confidence: float = Field(default=0.95, gt=0.5, lt=1, description="confidence level of the audited "
+                                    "accuracy's and macro-F1's intervals")
+    rules: list[Literal["cluster_margin", "margin", "coverage", "llm"]] = Field(
+        default_factory=lambda: ["cluster_margin"], min_length=1, description="with a task model, the rules the "
+        "non-audit budget is split between: cluster_margin (Cluster-Margin, the default), margin (the lowest "
+        "margins, clusters ignored), coverage (nearest each centroid, as a cold start), llm (Cluster-Margin with "
+        "the task-aware LLM's entropy and disagreement; needs score.task.choices). With several, a bandit over "
+        "the rules (Active Learning by Learning) gives each a share from the audit's evidence (docs/nightly.md)")
+    rules_explore: float = Field(default=0.2, ge=0, le=1, description="with several select.rules, the share of "
+                                 "the non-audit budget spread evenly over them whatever the evidence, so every "
+                                 "rule keeps being measured")
     task_model: TaskModelConfig = Field(default_factory=TaskModelConfig, description="the classifier trained on "
                                         "the labels; with labels its margin ranks documents within cluster quotas "
                                         "(Cluster-Margin)")
+
+    @field_validator("rules")
+    @classmethod
+    def _distinct_rules(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a rule twice: {v}")
+        return v
 
     @field_validator("llm_disagreement")
     @classmethod
@@ -216,9 +239,10 @@ def _ranked_within(clusters: np.ndarray, prio: np.ndarray, tiebreak: np.ndarray)
 class Selector:
     near_duplicates = NearDuplicates  # the near-duplicate check (tests and bench swap in the exhaustive one)
 
-    def __init__(self, cfg: SelectConfig, label_counts: Optional[dict[str, int]] = None):
+    def __init__(self, cfg: SelectConfig, label_counts: Optional[dict[str, int]] = None, rule: Optional[str] = None):
         self.cfg = cfg
         self.label_counts = label_counts or {}  # labels so far per class: select.class_balance tilts by them
+        self.rule = rule  # the output's rule column; default: cluster_margin with a margin, else cold_start
 
     def quotas(self, sizes: np.ndarray, table: pa.Table, prio: np.ndarray, budget: int) -> np.ndarray:
         clusters = table.column(CLUSTER_ID).to_numpy()
@@ -244,8 +268,9 @@ class Selector:
     def select(self, candidates: pa.Table, sizes: np.ndarray, budget: int) -> pa.Table:
         n = candidates.num_rows
         budget = int(min(budget, n))
+        rule = self.rule or ("cluster_margin" if MARGIN in candidates.column_names else "cold_start")
         if budget <= 0:
-            return self._output(candidates, np.empty(0, np.int64), [], sizes)
+            return self._output(candidates, np.empty(0, np.int64), [], sizes, rule)
         prio = priority(candidates, self.cfg)
         tiebreak = seeded_ranks(candidates)
         clusters = candidates.column(CLUSTER_ID).to_numpy()
@@ -314,10 +339,11 @@ class Selector:
                 if len(chosen) >= budget:
                     break
                 try_take(i, "fill", dedup=dedup)
-        return self._output(candidates, np.array(chosen, dtype=np.int64), reasons, sizes)
+        return self._output(candidates, np.array(chosen, dtype=np.int64), reasons, sizes, rule)
 
     @staticmethod
-    def _output(candidates: pa.Table, idx: np.ndarray, reasons: list[str], sizes: np.ndarray) -> pa.Table:
+    def _output(candidates: pa.Table, idx: np.ndarray, reasons: list[str], sizes: np.ndarray,
+                rule: str) -> pa.Table:
         rows = candidates.take(pa.array(idx, pa.int64()))
         clusters = rows.column(CLUSTER_ID).to_numpy() if rows.num_rows else np.empty(0, np.int64)
         cols = {
@@ -332,6 +358,7 @@ class Selector:
             "reason": pa.array(reasons, pa.string()),
             PREDICTED_LABEL: _col(rows, PREDICTED_LABEL, pa.string()),
             MARGIN: _col(rows, MARGIN, pa.float64()),
+            RULE: pa.array([rule] * rows.num_rows, pa.string()),
         }
         cols.update({name: rows.column(name) for name in LLM_COLUMNS if name in rows.column_names})
         return pa.table(cols)
