@@ -39,9 +39,10 @@ class LoopPlan:
         return self.planned
 
     def learning_curve(self) -> list[dict[str, Any]]:
-        """One point per audited night: labels its model trained on, audited accuracy and macro-F1."""
+        """One point per audited night: labels its model trained on, audited accuracy and macro-F1, and the
+        confidence level of their intervals."""
         keys = ("run_date", "run_id", "labels_before", "audit_n", "accuracy", "accuracy_low", "accuracy_high",
-                "macro_f1", "macro_f1_low", "macro_f1_high")
+                "macro_f1", "macro_f1_low", "macro_f1_high", "confidence")
         return [{k: row.get(k) for k in keys} for row in self.nights if row["rule"] == AUDIT and row.get("audit_n")]
 
     def summary(self) -> dict[str, Any]:

@@ -31,6 +31,13 @@ def dump_dom(page: Path) -> str:
     return _run(page, "--dump-dom").stdout
 
 
+def dump_dom_and_console(page: Path) -> tuple[str, list[str]]:
+    """The DOM as ``dump_dom`` gives it, and the messages the page wrote to the browser console (errors and
+    uncaught exceptions included), one line each."""
+    proc = _run(page, "--enable-logging=stderr", "--v=0", "--dump-dom")
+    return proc.stdout, [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+
 def screenshot(page: Path, png: Path, width: int = 1000, height: int = 1400) -> Path:
     _run(page, f"--screenshot={png.resolve()}", f"--window-size={width},{height}")
     return png

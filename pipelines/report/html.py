@@ -1,7 +1,8 @@
 """The report people read: one self-contained HTML page (inline CSS and SVG, no scripts, no fetches).
 
 What was selected and why (corpus map, per-cluster sections, distributions; see ``report_data``) comes
-first when the run provides it, then what the run cost.
+first when the run provides it, then the label loop on nights run with labels (``loop_charts``), then what the
+run cost.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from labelnext.pipelines.report.charts import cluster_size_chart, uncertainty_ch
 from labelnext.pipelines.report.clusters import cluster_sections
 from labelnext.pipelines.report.data import ReportView
 from labelnext.pipelines.report.format import finite, stages_in_order, usd
+from labelnext.pipelines.report.loop_charts import loop_section
 from labelnext.pipelines.report.corpus_map import corpus_map_svg
 
 _CSS = """
@@ -141,6 +143,7 @@ def render_html(cost: dict[str, Any], counts: dict[str, Any], run_id: str, run_d
 <p class="sub">{html.escape(str(cost.get("headline", "")))}</p>
 <p class="lead">{html.escape(savings_sentence(cost))}</p>
 {selection_sections(view)}
+{loop_section(cost)}
 <h2>What the same selection would have cost otherwise</h2>
 {counterfactual_svg(cost)}
 <p class="sub">Log scale. Full passes are extrapolated from the throughput measured in this run; the 70B-class
