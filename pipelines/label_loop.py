@@ -260,12 +260,11 @@ def selection_rule(cfg: sel.SelectConfig, columns: list[str]) -> str:
     """The rule that chooses the selection: with a task model its margin ranks, whatever ``select.rule`` says."""
     if MARGIN not in columns:
         return f"rule {cfg.rule}"
-    if len(cfg.rules) > 1 or cfg.rules != ["cluster_margin"]:
-        audit = f"an audit of select.audit_share {cfg.audit_share:g}, then " if cfg.audit_share else ""
-        return f"{audit}select.rules {', '.join(cfg.rules)} with the task model's margin"
+    audit = f"; first a uniform audit sample of select.audit_share {cfg.audit_share:g}" if cfg.audit_share else ""
+    if cfg.rules != ["cluster_margin"]:
+        return f"select.rules {', '.join(cfg.rules)} over the task model's margin, split by the audit's evidence{audit}"
     entropy = " and the LLM's entropy on near-ties" if cfg.llm_with_labels and "uncertainty" in columns else ""
-    entropy += f"; an audit of select.audit_share {cfg.audit_share:g} first" if cfg.audit_share else ""
     if cfg.rule in ("entropy_only", "round_robin"):
-        return f"rule {cfg.rule} over the task model's margin{entropy}"
+        return f"rule {cfg.rule} over the task model's margin{entropy}{audit}"
     return (f"Cluster-Margin: the task model's margin{entropy} within cluster quotas "
-            f"(select.labels_quota {cfg.labels_quota}); select.rule {cfg.rule} applies to cold starts")
+            f"(select.labels_quota {cfg.labels_quota}); select.rule {cfg.rule} applies to cold starts{audit}")

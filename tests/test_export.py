@@ -60,6 +60,7 @@ def _selected(with_labels: bool) -> pa.Table:
     cols = {"doc_id": ["b", "a", "c"], "rank": [0, 1, 2], "cluster_id": [1, 0, 1], "cluster_size": [5, 3, 5],
             "uncertainty": [2.5, float("nan"), 1.0], "nll": [3.0, 2.0, 1.0], "n_tokens": [10, 0, 7],
             "distance_to_centroid": [0.1, 0.2, 0.3], "reason": ["uncertain", "diverse", "uncertain"],
+            "rule": ["cold_start"] * 3,
             "text": ["tx \u00e9 \"quoted\"", "<b>markup</b>", "third"]}
     if with_labels:
         cols.update(predicted_label=["sports", None, "food"], margin=[0.1, None, 0.7])

@@ -128,7 +128,10 @@ def test_night_two_selects_no_labelled_document_and_ranks_by_margin(loop):
     assert set(selected.column("predicted_label").to_pylist()) <= set(classes)
     margins = selected.column("margin").to_pylist()
     assert all(m is not None and 0.0 <= m <= 1.0 for m in margins)
-    assert set(selected.column("reason").to_pylist()) <= {"cluster_quota_margin", "fill"}
+    # One audit document (select.audit_share 0.05 of 8, at least one), drawn first; the rest by Cluster-Margin.
+    assert selected.column("rule").to_pylist() == ["audit"] + ["cluster_margin"] * (BUDGET - 1)
+    assert set(selected.column("reason").to_pylist()[1:]) <= {"cluster_quota_margin", "fill"}
+    assert "first a uniform audit sample of select.audit_share 0.05" in night2.stderr
     # The log names the rule that chose (not select.rule, which only a cold start uses), and the select stage once.
     assert f"select: {BUDGET} documents (Cluster-Margin: the task model's margin" in night2.stderr
     assert night2.stderr.count("select: started") == 1 and "task model: started" in night2.stderr
