@@ -53,3 +53,31 @@ def test_cost_report_prices_the_prompt(prompted_run):
     assert min(scores) > 40
     per_doc = report["corpus"]["estimated_tokens"] / manifest["counts"]["accepted_docs"]
     assert per_doc > min(scores) * 0.5 and per_doc > 40
+
+
+def test_the_llm_rule_scores_candidates_on_a_night_with_labels(prompted_run, sample_corpus, tmp_path):
+    """With labels the LLM stage is skipped by default; select.rules with the llm rule turns it on, and the
+    rule's share of the selection is ranked with the LLM's answer beside the task model's margin."""
+    import pyarrow as pa
+
+    corpus = pq.read_table(sample_corpus, columns=["id", "topic"]).to_pydict()
+    topic = dict(zip(corpus["id"], corpus["topic"]))
+    picked = pq.read_table(prompted_run / "selected", columns=["doc_id"]).column("doc_id").to_pylist()
+    labelled = [d for d in corpus["id"] if topic[d] is not None][:30] + picked
+    labels = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"doc_id": labelled, "label": [topic[d] for d in labelled]}), labels)
+    out = prompted_run.parent.parent
+    proc = labelnext("run", "--config", "demo", "--corpus", str(sample_corpus), "--output", str(out), "--budget",
+                     "8", "--run-id", "task", "--run-date", "2026-11-26", "--labels", str(labels),
+                     "--set", "select.rules=[cluster_margin, llm]", *QUICK, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    night = run_dir(out, "task", "2026-11-26")
+    manifest = json.loads((night / "manifest.json").read_text())
+    assert manifest["task_model"]["status"] == "trained"
+    assert manifest["task_model"]["llm_scoring"].startswith("on: select.rules has the llm rule")
+    assert manifest["counts"]["candidates_scored"] > 0
+    selected = pq.read_table(night / "selected").to_pydict()
+    assert selected["rule"][0] == "audit" and set(selected["rule"][1:]) <= {"cluster_margin", "llm"}
+    assert "llm" in selected["rule"]
+    for rule, label in zip(selected["rule"], selected["llm_label"]):
+        assert (label is not None) == (rule != "audit")  # scored candidates; the audit is drawn from every doc
