@@ -17,6 +17,9 @@ Strategies, each starting from an empty label set on the same pool:
   states (``bench/llm_features.py``, standardised over the pool). "Uncertainty from a model distilled for the
   task", measured before building it into the product.
 - ``typiclust``, ``probcover``: scikit-activeml's strategies (their defaults) given the labels so far.
+- ``labelnext+audit``, ``adaptive`` (run only when named; ``bench/adaptive.py``, played by its ``AuditedLoop``):
+  ``labelnext`` with the product's audit sample first in every round with a task model, and the audited loop
+  whose remaining budget the product's bandit splits between cluster_margin, margin and coverage.
 - ``whole_pool``: every pool document labelled in round 1: the ceiling of the task model on these embeddings,
   so ``whole_pool - random`` is the largest gain over random any strategy could show at a round.
 
@@ -44,11 +47,12 @@ TASK_SELECT = {"labelnext+llm": {"llm_with_labels": True},
                "labelnext+disagree=0.1": {"llm_with_labels": True, "llm_disagreement": 0.1},
                "labelnext+disagree=0.3": {"llm_with_labels": True, "llm_disagreement": 0.3}}
 TASK_DEFAULT = ("random", "coldstart", "labelnext", *TASK_SELECT, "typiclust")  # what --task plays unless named
+AUDITED = ("labelnext+audit", "adaptive", "adaptive+even")  # bench/adaptive.py: the audit and the bandit
 LOOP_STRATEGIES = ("random", "coldstart", "margin", "labelnext", "labelnext+entropy", "labelnext+probe",
-                   "labelnext+probe-only", *TASK_SELECT, "typiclust", "probcover", "whole_pool")
+                   "labelnext+probe-only", *TASK_SELECT, *AUDITED, "typiclust", "probcover", "whole_pool")
 PROBE_SHARE = {"labelnext+probe": 0.5, "labelnext+probe-only": 1.0}  # the probe's share of the probabilities
 # Run only when --strategies names them: the LLM over every pool document (the task rules: with --task).
-OPT_IN = (*PROBE_SHARE, *TASK_SELECT)
+OPT_IN = (*PROBE_SHARE, *TASK_SELECT, *AUDITED)
 REQUIRED = ("random",)  # every difference is taken against it
 DEFAULT_FREE = ("random", "typiclust", "probcover", "whole_pool")  # results that do not depend on the default config
 # Each anchor round refits scikit-learn k-means with (labels so far + B) clusters over the pool, or ProbCover's
@@ -57,7 +61,8 @@ ANCHOR_SEEDS = 15
 # Bumped when a strategy's bench code changes what it selects (cached curves of the older code are not reused):
 # the labelnext strategies go through the candidates stage, as the pipeline does.
 CODE_VERSION = {"labelnext": "candidates", "labelnext+entropy": "candidates", **dict.fromkeys(PROBE_SHARE,
-                                                                                            "candidates")}
+                                                                                            "candidates"),
+                **dict.fromkeys(AUDITED, "audit-records-2")}
 ENTROPY_WEIGHT = 0.25  # a tie-breaker: a tenth of a cluster's margin range outweighs it
 # The probe's inverse regularisation: the best of 0.3 / 1 / 3 / 10 on ag_news for a probe trained on 1,000 random
 # pool labels and scored on the rest of the pool (there it classifies better than the task model: macro-F1 0.88
@@ -73,6 +78,7 @@ class LoopResult:
     round: int
     labels: int
     f1: float
+    audit: Optional[dict] = None  # the audited strategies' round record (bench/adaptive.py)
 
 
 def fit(x: np.ndarray, y: np.ndarray, c: float):
@@ -112,6 +118,8 @@ class Loop:
         self.probe_x = None if llm_features is None else standardised(llm_features)
 
     def run(self, strategy: str, rounds: int, seed: int) -> list[tuple[int, float]]:
+        if strategy in AUDITED:
+            raise ValueError(f"{strategy} is played by bench.adaptive.AuditedLoop")
         n = len(self.pool.ids)
         labelled = np.empty(0, np.int64)
         model, out, f1 = None, [], float("nan")
@@ -174,14 +182,25 @@ class Loop:
         """The real ``assign``, candidates stage and ``Selector`` (default config, or ``task_select`` with the
         task-aware LLM's columns attached) over the unlabelled documents with their margins, as the pipeline runs
         them when labels exist."""
+        from labelnext.ops.select.selector import Selector
+
+        _, table, sizes = self.margin_candidates(rest, margin, predicted, budget, seed, with_entropy,
+                                                 scored=task_select is not None)
+        selector = Selector(task_select or self.cfg.select, label_counts=label_counts)
+        return coldstart.select_rows(selector.select(table, sizes, budget), table)
+
+    def margin_candidates(self, rest: np.ndarray, margin: np.ndarray, predicted: np.ndarray, budget: int, seed: int,
+                          with_entropy: bool = False, scored: bool = False) -> tuple[pa.Table, pa.Table, np.ndarray]:
+        """(every unlabelled document's cluster assignment with its margin, the candidates stage's table with the
+        margins and predicted labels, cluster sizes); ``_row`` in both is the position in ``rest``."""
         from labelnext.ops.core.columns import CLUSTER_ID, MARGIN, PREDICTED_LABEL
-        from labelnext.ops.select.selector import Selector, percentile_within
+        from labelnext.ops.select.selector import percentile_within
 
         sub = self.pool.subset(rest)
         assigned, sizes = coldstart.assign(sub, budget, self.cfg, seed)
         assigned = assigned.append_column(MARGIN, pa.array(margin, pa.float64()))
         table = coldstart.with_features(coldstart.candidates(assigned, sizes, budget, self.cfg, near_key=MARGIN), sub,
-                                        scored=task_select is not None)
+                                        scored=scored)
         rows = table.column("_row").to_numpy()
         margin = margin[rows]
         table = table.drop_columns([MARGIN])
@@ -193,8 +212,7 @@ class Loop:
             margin = percentile_within(margin, clusters) - ENTROPY_WEIGHT * percentile_within(entropy, clusters)
         table = table.append_column(MARGIN, pa.array(margin, pa.float64()))
         table = table.append_column(PREDICTED_LABEL, pa.array(predicted[rows].astype(str).tolist(), pa.string()))
-        selector = Selector(task_select or self.cfg.select, label_counts=label_counts)
-        return coldstart.select_rows(selector.select(table, sizes, budget), table)
+        return assigned, table, sizes
 
 
 def chosen(requested: Optional[list[str]], task: bool = False) -> list[str]:
@@ -213,7 +231,7 @@ def needs_llm_features(strategies: list[str]) -> bool:
 def needs_llm(strategies: list[str], select_cfg) -> bool:
     from labelnext.ops.select.selector import uses_llm
 
-    cold_start_based = {"coldstart", "margin", "labelnext"} & set(strategies)
+    cold_start_based = {"coldstart", "margin", "labelnext", *AUDITED} & set(strategies)
     return "labelnext+entropy" in strategies or bool(set(TASK_SELECT) & set(strategies)) or (bool(cold_start_based) and uses_llm(select_cfg))
 
 
@@ -227,8 +245,8 @@ def bench_loop(name: str, loop: Loop, strategies: list[str], rounds: int, seeds:
                 continue
             if cache.get(keys[(st, seed)]) is None:
                 cache.put(keys[(st, seed)], loop.run(st, rounds, seed))
-            for r, (labels, f1) in enumerate(cache.get(keys[(st, seed)]), start=1):
-                results.append(LoopResult(name, st, seed, r, labels, f1))
+            for r, (labels, f1, *audit) in enumerate(cache.get(keys[(st, seed)]), start=1):
+                results.append(LoopResult(name, st, seed, r, labels, f1, audit[0] if audit else None))
         log(f"{name}: loop seed {seed} done")
     return results
 

@@ -36,7 +36,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import lodo, loop, task_report  # noqa: E402
+from bench import adaptive, lodo, loop, task_report  # noqa: E402
 from bench.coldstart import LR_C, Result, bench_dataset, load_pool  # noqa: E402
 from bench.common import (  # noqa: E402
     OUT, SHARED_DATA, SHARED_DATA_DISPLAY, cache_key, log, machine_description, markdown_table, setup_env,
@@ -309,8 +309,8 @@ def main_loop(args: argparse.Namespace, names: Optional[list[str]], pool_cap: Op
         pool, emb_all = load_pool(ds, ds_cfg, loop.needs_llm(loop_strategies, cfg.select))
         features = (llm_features(ds.name, ds.sha256, [str(t) for t in ds.texts[ds.pool]], ds.pool, cfg.score)
                     if loop.needs_llm_features(loop_strategies) else None)
-        lp = loop.Loop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round, ds_cfg,
-                       LR_C, features)
+        lp = adaptive.AuditedLoop(pool, ds.labels[ds.pool], emb_all[ds.test], ds.labels[ds.test], args.per_round,
+                                  ds_cfg, LR_C, features)
         log(f"{ds.name}: loop over pool {len(ds.pool)}, {args.rounds} rounds of {args.per_round}")
         default = strategy_settings(Strategy("labelnext", "pipeline"), with_labels=True) + "".join(args.set or [])
         keys = {(st, s): cache_key(ds.sha256, len(ds.pool), len(ds.test), SPLIT_SEED, LR_C, args.rounds,
@@ -323,7 +323,9 @@ def main_loop(args: argparse.Namespace, names: Optional[list[str]], pool_cap: Op
     if not used:
         print(f"bench.quality: none of {names} found in {SHARED_DATA_DISPLAY}; skipping.")
         return 0
-    _write(args.out or OUT / ("loop-task.md" if args.task else "loop.md"), loop.render_loop(results, used, loop_strategies, args.rounds, args.per_round))
+    _write(args.out or OUT / ("loop-task.md" if args.task else "loop.md"),
+           loop.render_loop(results, used, loop_strategies, args.rounds, args.per_round)
+           + adaptive.render(results, used, loop_strategies, args.rounds, args.per_round))
     return 0
 
 

@@ -11,7 +11,7 @@ from bench.coldstart import LR_C, Pool
 from labelnext.pipelines.config import load_config
 
 
-def _loop(per_round: int = 10) -> tuple[loop.Loop, int]:
+def _loop(per_round: int = 10, n: int = 60, kind: type = loop.Loop) -> tuple[loop.Loop, int]:
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((3, 16))
 
@@ -20,10 +20,10 @@ def _loop(per_round: int = 10) -> tuple[loop.Loop, int]:
         x = centers[y] + 1.5 * rng.standard_normal((n, 16))
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.array([f"c{v}" for v in y])
 
-    pool_x, pool_y = docs(60)
+    pool_x, pool_y = docs(n)
     test_x, test_y = docs(90)
-    pool = Pool(ids=np.array([f"d{i}" for i in range(60)], dtype=object), emb=pool_x, scores=None)
-    return loop.Loop(pool, pool_y, test_x, test_y, per_round, load_config(), LR_C), len(pool_x)
+    pool = Pool(ids=np.array([f"d{i}" for i in range(n)], dtype=object), emb=pool_x, scores=None)
+    return kind(pool, pool_y, test_x, test_y, per_round, load_config(), LR_C), len(pool_x)
 
 
 def test_whole_pool_labels_everything_at_once_and_scores_the_task_models_ceiling():
