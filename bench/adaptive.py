@@ -30,10 +30,12 @@ ADAPTIVE_RULES = ("cluster_margin", "margin", "coverage")
 SINGLE_RULES = {"cluster_margin": "labelnext", "margin": "margin", "coverage": "coldstart"}  # rule: its strategy
 COLD_START = "cold_start"  # the rule column of a night without a task model (the Selector's default)
 WITHIN = 0.01  # "adaptive within 1 point of the best single rule"
-# A variant of the bandit's constants (select.rules_explore), judged leave one dataset out: explore 1, every
-# rule a third of the budget whatever the evidence, the control that says whether the evidence moved anything.
-EXPLORE = {"adaptive+even": 1.0}
-VARIANTS = ("adaptive", *EXPLORE)
+# Variants of the bandit's constants (select.rules_explore, select.rules_lead), judged leave one dataset out
+# against the product's defaults (explore 0.05, the first rule 3 standard errors ahead): explore 1 (every rule a
+# third of the budget whatever the evidence: the control that says whether the evidence moved anything), no
+# incumbent with explore 0.2, and the incumbent 2 standard errors ahead with explore 0.1.
+SETTINGS = {"adaptive+even": (1.0, 0.0), "adaptive+lead0": (0.2, 0.0), "adaptive+lead2": (0.1, 2.0)}
+VARIANTS = ("adaptive", *SETTINGS)
 # Larger audits of the same round, for the record only (the first n of the same keys: the audit is their prefix):
 # how the product's interval covers as the audit grows.
 LARGER_AUDITS = (20, 50, 100)
@@ -97,8 +99,8 @@ class AuditedLoop(loop.Loop):
         margin, predicted = model.margin(self.pool.emb[rest])
         rules = ["cluster_margin"] if strategy == "labelnext+audit" else list(ADAPTIVE_RULES)
         evidence = self.evidence(labelled, rule_of, recency, rules) if len(rules) > 1 else {}
-        explore = EXPLORE.get(strategy, sel.rules_explore)
-        shares = split_shares(rules, evidence, explore) if len(rules) > 1 else {rules[0]: 1.0}
+        explore, lead = SETTINGS.get(strategy, (sel.rules_explore, sel.rules_lead))
+        shares = split_shares(rules, evidence, explore, lead) if len(rules) > 1 else {rules[0]: 1.0}
         counts = allocate(shares, budget - len(audit))
         assigned, table, sizes = self.margin_candidates(rest, margin.astype(np.float64), predicted, budget,
                                                         seed * 1000 + r)
@@ -297,7 +299,7 @@ def render(results: list[loop.LoopResult], names: list[str], strategies: list[st
     if not set(loop.AUDITED) & set(strategies):
         return ""
     parts = ["", "## Audited, adaptive loop", "",
-             "Audit coverage: each audited round's interval (macro-F1: percentile bootstrap; accuracy: Wilson; "
+             "Audit coverage: each audited round's interval (macro-F1: percentile bootstrap joined with a Wilson interval at the audit's size; accuracy: Wilson; "
              "the product's `estimate` at `select.audit_confidence`) against the true held-out value of the task "
              "model the audit scored (trained on the rounds before it). Goal: macro-F1 coverage >= 90 %.", "",
              coverage_table(results, names), "",
@@ -311,17 +313,21 @@ def render(results: list[loop.LoopResult], names: list[str], strategies: list[st
                       + ("" if rnd == rounds else " (supplementary)"), "",
                       acceptance(results, names, rnd, rnd * per_round), ""]
     pairs = [(a, b) for a, b in (("labelnext+audit", "labelnext"), ("adaptive", "labelnext"),
-                                 ("adaptive", "labelnext+audit"), ("adaptive", "adaptive+even"))
+                                 ("adaptive", "labelnext+audit"), ("adaptive", "adaptive+even"),
+                                 ("adaptive+lead0", "labelnext"), ("adaptive+lead2", "labelnext"))
              if {a, b} <= set(strategies)]
     if pairs:
         parts += ["### Differences, paired by seed (± SE over seeds)", "",
                   "`labelnext+audit - labelnext` is what the audit costs.", "",
                   difference_table(results, names, rounds, per_round, pairs), ""]
     if set(VARIANTS) <= set(strategies) and len(names) > 1:
-        parts += ["### Variant, leave one dataset out", "",
-                  f"`adaptive+even`: `select.rules_explore` 1 (each rule a third of the non-audit budget whatever "
-                  f"the evidence). Picked per held-out dataset by the mean F1 over rounds 2-{rounds} on the other "
-                  "datasets:", "", lodo_variants(results, names, rounds, per_round), ""]
+        parts += ["### Variants, leave one dataset out", "",
+                  "`adaptive`: the product's defaults (`select.rules_explore`, `select.rules_lead`); "
+                  "`adaptive+even`: explore 1 (each rule a third of the non-audit budget whatever the evidence); "
+                  "`adaptive+lead0`: explore 0.2, no incumbent (the first defaults tried); `adaptive+lead2`: "
+                  "explore 0.1, the first rule (cluster_margin) 2 standard errors ahead. Picked per held-out "
+                  "dataset by the mean F1 over rounds "
+                  f"2-{rounds} on the other datasets:", "", lodo_variants(results, names, rounds, per_round), ""]
     if "adaptive" in strategies:
         parts += ["### The bandit's split", "",
                   "Mean share of the non-audit budget per rule, picks per rule (a rule that runs out of "

@@ -47,7 +47,7 @@ TASK_SELECT = {"labelnext+llm": {"llm_with_labels": True},
                "labelnext+disagree=0.1": {"llm_with_labels": True, "llm_disagreement": 0.1},
                "labelnext+disagree=0.3": {"llm_with_labels": True, "llm_disagreement": 0.3}}
 TASK_DEFAULT = ("random", "coldstart", "labelnext", *TASK_SELECT, "typiclust")  # what --task plays unless named
-AUDITED = ("labelnext+audit", "adaptive", "adaptive+even")  # bench/adaptive.py: the audit and the bandit
+AUDITED = ("labelnext+audit", "adaptive", "adaptive+even", "adaptive+lead0", "adaptive+lead2")  # bench/adaptive.py: the audit and the bandit
 LOOP_STRATEGIES = ("random", "coldstart", "margin", "labelnext", "labelnext+entropy", "labelnext+probe",
                    "labelnext+probe-only", *TASK_SELECT, *AUDITED, "typiclust", "probcover", "whole_pool")
 PROBE_SHARE = {"labelnext+probe": 0.5, "labelnext+probe-only": 1.0}  # the probe's share of the probabilities
@@ -62,7 +62,7 @@ ANCHOR_SEEDS = 15
 # the labelnext strategies go through the candidates stage, as the pipeline does.
 CODE_VERSION = {"labelnext": "candidates", "labelnext+entropy": "candidates", **dict.fromkeys(PROBE_SHARE,
                                                                                             "candidates"),
-                **dict.fromkeys(AUDITED, "audit-records-2")}
+                **dict.fromkeys(AUDITED, "audit-records-3")}
 ENTROPY_WEIGHT = 0.25  # a tie-breaker: a tenth of a cluster's margin range outweighs it
 # The probe's inverse regularisation: the best of 0.3 / 1 / 3 / 10 on ag_news for a probe trained on 1,000 random
 # pool labels and scored on the rest of the pool (there it classifies better than the task model: macro-F1 0.88

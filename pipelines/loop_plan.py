@@ -72,7 +72,7 @@ def plan_night(cfg: RunConfig, output: OutputRoot, ref: RunRef, labels: LabelSet
         found = rule_evidence(train.x[keep], train.y[keep], rule_of[keep], recency[keep], rules,
                               fit=lambda x, y: TaskModel.fit(x, y, c=c), folds=sel.task_model.cv_folds,
                               seed=sel.task_model.seed)
-    shares = split_shares(rules, found, sel.rules_explore) if len(rules) > 1 else {rules[0]: 1.0}
+    shares = split_shares(rules, found, sel.rules_explore, sel.rules_lead) if len(rules) > 1 else {rules[0]: 1.0}
     if len(rules) > 1:
         log.info("select: tonight's split %s (evidence z: %s)",
                  ", ".join(f"{r} {s:.0%}" for r, s in shares.items()),

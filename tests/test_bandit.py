@@ -136,3 +136,16 @@ def test_a_rule_that_cannot_fill_passes_the_rest_on():
     out = select_split(table, np.full(6, 100), {"cluster_margin": 10, "margin": 5}, SelectConfig())
     assert out.num_rows == 12  # every candidate, none twice
     assert rules_picked(out) == {"cluster_margin": 10, "margin": 2}
+
+
+def test_the_first_rule_leads_until_another_shows_more_evidence_than_its_head_start():
+    from labelnext.ops.select.bandit import RuleEvidence
+
+    def ev(z_a, z_b):
+        return {"a": RuleEvidence("a", 10, 10, 50, 0.0, 0.01, z_a), "b": RuleEvidence("b", 10, 10, 50, 0.0, 0.01, z_b)}
+
+    no_evidence = split_shares(["a", "b"], {}, explore=0.05, lead=3.0)
+    assert no_evidence["a"] > 0.9 and no_evidence["b"] >= 0.025
+    assert split_shares(["a", "b"], ev(0.0, 3.0), explore=0.05, lead=3.0) == pytest.approx({"a": 0.5, "b": 0.5})
+    overtaken = split_shares(["a", "b"], ev(-Z_CAP, Z_CAP), explore=0.05, lead=3.0)
+    assert overtaken["b"] > 0.9  # evidence beyond the head start moves the budget

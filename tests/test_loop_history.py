@@ -14,6 +14,7 @@ test measures the loop's plumbing, not the encoder.
 from __future__ import annotations
 
 import json
+import re
 
 import boto3
 import numpy as np
@@ -110,6 +111,9 @@ def loop(s3_endpoint):
 
 def test_nights_with_a_task_model_draw_an_audit_and_split_the_rest_between_the_rules(loop):
     world = loop["world"]
+    for run in loop["runs"]:  # nothing to act on: no warning, and report.html gathered its selection view
+        assert not re.findall(r"^.*\bWARNING\b.*$", run.stderr, re.M), run.stderr[-3000:]
+    assert "split by the audit's evidence; first a uniform audit sample" in loop["runs"][2].stderr
     night1 = world.selected(0)
     assert set(night1.column("rule").to_pylist()) == {"cold_start"}  # no task model to audit yet
     for i in (1, 2, 3):

@@ -78,7 +78,7 @@ class AuditEstimate:
         return asdict(self)
 
 
-def wilson(correct: int, n: int, confidence: float) -> tuple[float, float]:
+def wilson(correct: float, n: int, confidence: float) -> tuple[float, float]:
     """Wilson score interval of a proportion: keeps its coverage at small n and near 0 or 1."""
     if n == 0:
         return float("nan"), float("nan")
@@ -96,8 +96,13 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def estimate(y_true, y_pred, confidence: float = 0.95, resamples: int = 2000,
              seed: int = 0) -> Optional[AuditEstimate]:
-    """Accuracy (Wilson interval) and macro-F1 (percentile bootstrap, seeded: the same labels give the same
-    interval) of predictions ``y_pred`` against the audit's labels ``y_true``; None without a labelled audit."""
+    """Accuracy (Wilson interval) and macro-F1 of predictions ``y_pred`` against the audit's labels ``y_true``;
+    None without a labelled audit.
+
+    The macro-F1 interval is the union of a seeded percentile bootstrap (the same labels give the same interval)
+    and the Wilson interval of the estimate with the audit's size as its sample size: on small audits the
+    bootstrap alone is too narrow (an audit without errors gives [1, 1]), on large ones with uneven classes the
+    bootstrap is the wider of the two."""
     y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
     n = len(y_true)
     if n == 0:
@@ -110,8 +115,9 @@ def estimate(y_true, y_pred, confidence: float = 0.95, resamples: int = 2000,
     boot = _macro_f1_resampled(t, p, k, draws)
     alpha = (1 - confidence) / 2
     f1_low, f1_high = np.quantile(boot, [alpha, 1 - alpha]) if n > 1 else (0.0, 1.0)
-    return AuditEstimate(n, correct / n, low, high, f1, float(min(f1_low, f1)), float(max(f1_high, f1)),
-                         confidence)
+    score_low, score_high = wilson(f1 * n, n, confidence)
+    return AuditEstimate(n, correct / n, low, high, f1, float(min(f1_low, score_low, f1)),
+                         float(max(f1_high, score_high, f1)), confidence)
 
 
 def _encode(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -100,9 +100,16 @@ def _predict(fit, x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndar
     return np.asarray(model.predict(x[test])).astype(str)
 
 
-def split_shares(rules: Sequence[str], evidence: Optional[dict[str, RuleEvidence]], explore: float) -> dict[str, float]:
-    """Each rule's share of the non-audit budget: exponential weights of its evidence, ``explore`` spread evenly."""
+def split_shares(rules: Sequence[str], evidence: Optional[dict[str, RuleEvidence]], explore: float,
+                 lead: float = 0.0) -> dict[str, float]:
+    """Each rule's share of the non-audit budget: exponential weights of its evidence, ``explore`` spread evenly.
+
+    The first rule is the incumbent: it starts ``lead`` standard errors of evidence ahead, so another rule takes
+    its budget only on evidence that it pays more, not on the noise of a small audit.
+    """
     z = np.array([(evidence or {}).get(r, None).z if (evidence or {}).get(r) is not None else 0.0 for r in rules])
+    if len(z):
+        z[0] += lead
     weights = np.exp(ETA * (z - z.max())) if len(z) else z
     soft = weights / weights.sum() if len(z) else weights
     shares = (1 - explore) * soft + explore / max(len(rules), 1)

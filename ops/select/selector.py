@@ -100,9 +100,13 @@ class SelectConfig(StageSettings):
         "margins, clusters ignored), coverage (nearest each centroid, as a cold start), llm (Cluster-Margin with "
         "the task-aware LLM's entropy and disagreement; needs score.task.choices). With several, a bandit over "
         "the rules (Active Learning by Learning) gives each a share from the audit's evidence (docs/nightly.md)")
-    rules_explore: float = Field(default=0.2, ge=0, le=1, description="with several select.rules, the share of "
+    rules_explore: float = Field(default=0.05, ge=0, le=1, description="with several select.rules, the share of "
                                  "the non-audit budget spread evenly over them whatever the evidence, so every "
-                                 "rule keeps being measured")
+                                 "rule keeps being measured (chosen leave-one-dataset-out with rules_lead by "
+                                 "bench/quality.py --rounds: bench/README.md)")
+    rules_lead: float = Field(default=3.0, ge=0, description="with several select.rules, the standard errors "
+                              "of evidence the first rule (the incumbent) starts ahead: another rule takes its "
+                              "budget only on evidence that it pays more, not on a small audit's noise")
     task_model: TaskModelConfig = Field(default_factory=TaskModelConfig, description="the classifier trained on "
                                         "the labels; with labels its margin ranks documents within cluster quotas "
                                         "(Cluster-Margin)")
