@@ -77,13 +77,18 @@ class Evidence:
 def read_evidence(output: OutputRoot, current: RunRef) -> Evidence:
     """The ledger entries of committed nights dated before ``current``, with their rules and predictions."""
     by_run = ledger.ledger_files(output)
-    refs = sorted(ref for ref in by_run if ref.run_date < current.run_date)
+    refs = sorted({ref for ref in (*by_run, *ledger.committed_runs(output)) if ref.run_date < current.run_date})
     evidence = Evidence()
     for ref, manifest in zip(refs, ledger.manifests(output, refs)):
         entry = (manifest or {}).get("ledger") or {}
         path = output.path(entry["path"]) if entry.get("path") else None
-        if manifest is None or path not in by_run[ref]:
-            evidence.skipped.append(f"{ref.label}: a ledger entry without a committed manifest naming it")
+        if manifest is None:
+            evidence.skipped.append(f"{ref.label}: a ledger entry without a committed manifest")
+            continue
+        if path is None:
+            continue  # a run with output.ledger off: it selected nothing for later nights to judge
+        if path not in by_run.get(ref, []):
+            evidence.skipped.append(f"{ref.label}: the ledger file its manifest names is missing")
             continue
         try:
             with output.fs.open_input_file(path) as fh:
