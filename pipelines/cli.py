@@ -175,7 +175,7 @@ def history(
         hist = load_history(output)
     except (FileNotFoundError, ValueError, StorageError, OSError) as exc:
         fail(one_line(exc), code=1)
-    print_history(hist, out)
+    print_history(hist, out, output)
 
 
 @app.command()

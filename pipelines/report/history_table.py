@@ -37,11 +37,12 @@ def _interval(value, low, high) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if value is not None else "-"
 
 
-def print_history(hist: CommittedHistory, console: Console) -> None:
+def print_history(hist: CommittedHistory, console: Console, output: str = "") -> None:
     if not console.is_terminal:  # a pipe or a file: whole rows rather than 80-column wraps
         console = Console(file=console.file, width=max(console.width, 160))
     if hist.latest is None:
-        console.print("no committed night has a history yet (it starts with the first night run with --labels)")
+        console.print(f"{output or 'this output'}: no committed night has a history yet (it starts with the first "
+                      "night run with --labels)", highlight=False, soft_wrap=True)
         return
     nights = nights_view(hist)
     rules = sorted({rule for n in nights for rule in n["picked"] if rule != AUDIT})
