@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from labelnext.ops.core.columns import DOC_ID, PREDICTED_LABEL, RULE
@@ -53,7 +54,8 @@ HISTORY_SCHEMA = pa.schema([
 class Night:
     ref: RunRef
     labels_before: Optional[int]  # labels its task model trained on (None: a cold start)
-    doc_ids: list[str]
+    picked: dict[str, int]  # documents each rule picked that night
+    doc_ids: list[str]  # the picks that have a label (label-sized), with their rule and recorded prediction
     rules: list[str]
     predicted: list[Optional[str]]
 
@@ -74,8 +76,10 @@ class Evidence:
         return out
 
 
-def read_evidence(output: OutputRoot, current: RunRef) -> Evidence:
-    """The ledger entries of committed nights dated before ``current``, with their rules and predictions."""
+def read_evidence(output: OutputRoot, current: RunRef, labelled: Optional[pa.Array] = None) -> Evidence:
+    """The ledger entries of committed nights dated before ``current``: per night, the picks per rule, and the
+    picks whose id is in ``labelled`` (all of them without it) with their rule and prediction. Only label-sized
+    rows become Python objects; a year of nightly budgets stays in Arrow columns per file."""
     by_run = ledger.ledger_files(output)
     refs = sorted({ref for ref in (*by_run, *ledger.committed_runs(output)) if ref.run_date < current.run_date})
     evidence = Evidence()
@@ -96,16 +100,22 @@ def read_evidence(output: OutputRoot, current: RunRef) -> Evidence:
         except (OSError, pa.ArrowInvalid) as exc:
             evidence.skipped.append(f"{ref.label}: ledger file unreadable ({str(exc).splitlines()[0][:120]})")
             continue
-        n = table.num_rows
         if DOC_ID not in table.column_names:
             evidence.skipped.append(f"{ref.label}: ledger file has no doc_id column")
             continue
-        rules = table.column(RULE).to_pylist() if RULE in table.column_names else [UNATTRIBUTED] * n
-        predicted = table.column(PREDICTED_LABEL).to_pylist() if PREDICTED_LABEL in table.column_names else [None] * n
+        rule = (pc.fill_null(table.column(RULE).cast(pa.string()), UNATTRIBUTED) if RULE in table.column_names
+                else pa.chunked_array([pa.array([UNATTRIBUTED] * table.num_rows, pa.string())]))
+        picked = pc.value_counts(rule)
+        if labelled is not None:
+            keep = pc.is_in(table.column(DOC_ID).cast(pa.string()), value_set=labelled)
+            table, rule = table.filter(keep), rule.filter(keep)
+        predicted = (table.column(PREDICTED_LABEL).to_pylist() if PREDICTED_LABEL in table.column_names
+                     else [None] * table.num_rows)
         task = (manifest or {}).get("task_model") or {}
         before = task.get("labels_used") if task.get("status") == "trained" else None
-        evidence.nights.append(Night(ref, before, [str(d) for d in table.column(DOC_ID).to_pylist()],
-                                     [r or UNATTRIBUTED for r in rules], predicted))
+        evidence.nights.append(Night(ref, before, dict(zip(picked.field("values").to_pylist(),
+                                                           picked.field("counts").to_pylist())),
+                                     [str(d) for d in table.column(DOC_ID).to_pylist()], rule.to_pylist(), predicted))
     if evidence.skipped:
         log.warning("history: %d earlier night(s) left out of the evidence: %s", len(evidence.skipped),
                     "; ".join(evidence.skipped[:3]) + (" ..." if len(evidence.skipped) > 3 else ""))
@@ -118,19 +128,19 @@ def night_rows(evidence: Evidence, labels: dict[str, str], confidence: float, se
     audit rows also its audited accuracy and macro-F1 with their intervals."""
     rows = []
     for night in evidence.nights:
-        by_rule: dict[str, list[int]] = {}
+        by_rule: dict[str, list[int]] = {rule: [] for rule in night.picked}
         for i, rule in enumerate(night.rules):
-            by_rule.setdefault(rule, []).append(i)
-        active = sum(len(v) for r, v in by_rule.items() if r != AUDIT)
+            by_rule[rule].append(i)
+        active = sum(n for r, n in night.picked.items() if r != AUDIT)
         for rule, idx in by_rule.items():
             got = [i for i in idx if night.doc_ids[i] in labels]
             judged = [i for i in got if night.predicted[i] is not None]
             truth = [labels[night.doc_ids[i]] for i in judged]
             guess = [str(night.predicted[i]) for i in judged]
             row = {"kind": "night", "run_date": night.ref.run_date, "run_id": night.ref.run_id, "rule": rule,
-                   "picked": len(idx), "labelled": len(got),
+                   "picked": night.picked[rule], "labelled": len(got),
                    "wrong": int(sum(t != g for t, g in zip(truth, guess))) if judged else None,
-                   "share": len(idx) / active if rule != AUDIT and active else None,
+                   "share": night.picked[rule] / active if rule != AUDIT and active else None,
                    "labels_before": night.labels_before, "evaluated_on": evaluated_on}
             if rule == AUDIT and judged:
                 est = estimate(truth, guess, confidence=confidence, seed=seed)

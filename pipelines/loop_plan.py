@@ -57,7 +57,7 @@ def plan_night(cfg: RunConfig, output: OutputRoot, ref: RunRef, labels: LabelSet
                train: Optional[TrainingSet]) -> LoopPlan:
     """The plan for a night with labels; ``train`` is the task model's training set (None: none was trained)."""
     sel = cfg.select
-    evidence = history.read_evidence(output, ref)
+    evidence = history.read_evidence(output, ref, labels.doc_ids)
     truth = dict(zip(labels.doc_ids.to_pylist(), labels.labels.to_pylist()))
     nights = history.night_rows(evidence, truth, sel.audit_confidence, sel.seed, ref.run_date)
     rules = list(sel.rules)

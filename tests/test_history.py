@@ -65,3 +65,6 @@ def test_night_rows_judge_each_rule_on_its_labelled_picks(output):
     old = rows[("old", UNATTRIBUTED)]
     assert (old["picked"], old["labelled"], old["wrong"]) == (2, 1, None)  # no prediction recorded: not judged
     assert all(r["evaluated_on"] == "2026-11-04" for r in rows.values())
+    only_labelled = read_evidence(output, RunRef("2026-11-04", "tonight"), pa.array(list(labels)))
+    assert sum(len(n.doc_ids) for n in only_labelled.nights) == 5  # label-sized, the picks counted all the same
+    assert night_rows(only_labelled, labels, 0.95, 0, "2026-11-04") == list(rows.values())
