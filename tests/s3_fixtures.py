@@ -69,3 +69,53 @@ def store_root(request, tmp_path):
         return LocalObjects(), str(tmp_path)
     bucket = request.getfixturevalue("s3_bucket")
     return S3Objects(S3Settings.from_config(StorageConfig())), f"{bucket}/objects"
+
+
+class S3Bucket:
+    """A bucket on the local endpoint, and the environment that points the CLI's standard AWS settings at it."""
+
+    def __init__(self, endpoint: str, bucket: str):
+        import boto3
+
+        self.bucket = bucket
+        self.env = {**FAKE_ENV, "AWS_ENDPOINT_URL": endpoint}
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=FAKE_ENV["AWS_REGION"],
+                                   aws_access_key_id=FAKE_ENV["AWS_ACCESS_KEY_ID"],
+                                   aws_secret_access_key=FAKE_ENV["AWS_SECRET_ACCESS_KEY"])
+        self.client.create_bucket(Bucket=bucket)
+
+    def cli(self, *args: str):
+        from tests.cli_run import labelnext
+
+        return labelnext(*args, env=self.env, timeout=1200)
+
+    def run(self, *args: str):
+        return self.cli("run", *args)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def put(self, key: str, table) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=sink.getvalue().to_pybytes())
+
+    def body(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def json(self, key: str) -> dict:
+        import json
+
+        return json.loads(self.body(key))
+
+    def table(self, prefix: str):
+        """Every Parquet object under ``prefix`` (one key: that object), concatenated in key order."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+        return pa.concat_tables([pq.read_table(pa.BufferReader(self.body(k))) for k in keys])

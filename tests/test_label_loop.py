@@ -10,9 +10,7 @@ and from tonight's corpus, rank by its margin without the LLM, and record all of
 from __future__ import annotations
 
 import collections
-import json
 
-import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +18,7 @@ import pytest
 from labelnext.ops.select.task_model import TaskModel
 from labelnext.pipelines.sample_corpus import make_documents
 from tests.cli_run import QUICK, error_line, labelnext
-from tests.s3_fixtures import FAKE_ENV, s3_endpoint  # noqa: F401 (fixture)
+from tests.s3_fixtures import S3Bucket, s3_endpoint  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -29,38 +27,8 @@ BUCKET = "labelloop"
 NIGHT = ("--budget", str(BUDGET), "--run-id", "nightly", *QUICK)
 
 
-class World:
-    """The bucket, and the environment that points the CLI's standard AWS settings at the local endpoint."""
-
-    def __init__(self, endpoint: str):
-        self.env = {**FAKE_ENV, "AWS_ENDPOINT_URL": endpoint}
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=FAKE_ENV["AWS_REGION"],
-                                   aws_access_key_id=FAKE_ENV["AWS_ACCESS_KEY_ID"],
-                                   aws_secret_access_key=FAKE_ENV["AWS_SECRET_ACCESS_KEY"])
-        self.client.create_bucket(Bucket=BUCKET)
-
-    def run(self, *args: str):
-        return labelnext("run", *args, env=self.env, timeout=1200)
-
-    @staticmethod
-    def uri(key: str) -> str:
-        return f"s3://{BUCKET}/{key}"
-
-    def put(self, key: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self.client.put_object(Bucket=BUCKET, Key=key, Body=sink.getvalue().to_pybytes())
-
-    def json(self, key: str) -> dict:
-        return json.loads(self.body(key))
-
-    def body(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-
-    def table(self, prefix: str) -> pa.Table:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        keys = sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-        return pa.concat_tables([pq.read_table(pa.BufferReader(self.body(k))) for k in keys])
+def World(endpoint: str) -> S3Bucket:
+    return S3Bucket(endpoint, BUCKET)
 
 
 def _run_key(run_date: str) -> str:

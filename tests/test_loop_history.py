@@ -13,19 +13,16 @@ test measures the loop's plumbing, not the encoder.
 
 from __future__ import annotations
 
-import json
 import re
 
-import boto3
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from labelnext.ops.select.audit import AUDIT
 from labelnext.pipelines.sample_corpus import make_documents
-from tests.cli_run import QUICK, labelnext
-from tests.s3_fixtures import FAKE_ENV, s3_endpoint  # noqa: F401 (fixture)
+from tests.cli_run import QUICK
+from tests.s3_fixtures import S3Bucket, s3_endpoint  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -36,35 +33,17 @@ LOOP = ("--budget", str(BUDGET), "--run-id", "nightly", *QUICK, "--set", "input.
         "--set", f"select.rules={RULES}", "--set", "select.audit_share=0.25", "--set", "cluster.k=8")
 
 
-class World:
+class World(S3Bucket):
     def __init__(self, endpoint: str):
-        self.env = {**FAKE_ENV, "AWS_ENDPOINT_URL": endpoint}
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=FAKE_ENV["AWS_REGION"],
-                                   aws_access_key_id=FAKE_ENV["AWS_ACCESS_KEY_ID"],
-                                   aws_secret_access_key=FAKE_ENV["AWS_SECRET_ACCESS_KEY"])
-        self.client.create_bucket(Bucket=BUCKET)
-
-    def cli(self, *args: str):
-        return labelnext(*args, env=self.env, timeout=1200)
+        super().__init__(endpoint, BUCKET)
 
     def night(self, i: int, labels: str | None = None):
         extra = ("--labels", uri(labels)) if labels else ()
         return self.cli("run", "--corpus", uri("corpus/"), "--output", uri("out"), "--run-date", NIGHTS[i],
                         *LOOP, *extra)
 
-    def put(self, key: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self.client.put_object(Bucket=BUCKET, Key=key, Body=sink.getvalue().to_pybytes())
-
-    def body(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-
     def manifest(self, i: int) -> dict:
-        return json.loads(self.body(f"out/run_date={NIGHTS[i]}/run_id=nightly/manifest.json"))
-
-    def table(self, key: str) -> pa.Table:
-        return pq.read_table(pa.BufferReader(self.body(key)))
+        return self.json(f"out/run_date={NIGHTS[i]}/run_id=nightly/manifest.json")
 
     def selected(self, i: int) -> pa.Table:
         files = self.manifest(i)["files"]
